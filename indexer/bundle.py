@@ -1,0 +1,418 @@
+"""The bundle format: an immutable, versioned directory of FAISS indexes, item metadata and the model.
+
+Read side (`open_bundle`, `verify_bundle`, `ItemStore`) is what the service uses; write side
+(`BundleWriter`, `publish`) is what the indexer uses. Layout and rules are in DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from indexer.errors import ClipsearchError
+from indexer.model import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+
+SCHEMA_VERSION = 1
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+IMAGES_INDEX = "images.faiss"
+TEXTS_INDEX = "texts.faiss"
+ITEMS_DB = "items.sqlite"
+SKIPPED = "skipped.jsonl"
+MODEL_DIR = "model"
+WORK_DIR = ".work"
+LEASES_DIR = ".leases"
+TMP_PREFIX = ".tmp-"
+LEASE_TTL_S = 600.0
+
+ItemKind = Literal["image", "text"]
+
+
+class BundleError(ClipsearchError, RuntimeError):
+    """A bundle that is missing, incomplete or inconsistent; the message says what disagrees."""
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str
+    fingerprint: str = Field(description="sha256 of open_clip_model.safetensors")
+    embed_dim: int
+    image_size: int
+    context_length: int
+    preprocess: dict[str, Any] = Field(default_factory=dict)
+
+
+class IndexSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    count: int
+    factory: str = "Flat"
+    metric: Literal["inner_product"] = "inner_product"
+    recall_at_10: float | None = Field(None, description="measured vs exact search; None for exact")
+    params: dict[str, Any] = Field(default_factory=dict, description="search-time params, e.g. nprobe")
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    size: int
+
+
+class BundleManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    version: str
+    created_at: str
+    model: ModelRef
+    images: IndexSpec
+    texts: IndexSpec
+    files: dict[str, FileEntry]
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One row of `items.sqlite`: an image or a text, addressed by the id FAISS returns."""
+
+    id: int
+    kind: ItemKind
+    path: str | None = None
+    text: str | None = None
+    size: int | None = None
+    mtime: float | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+_ITEM_COLUMNS = ("id", "kind", "path", "text", "size", "mtime", "sha256", "width", "height")
+_SCHEMA = """
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('image', 'text')),
+    path TEXT, text TEXT, size INTEGER, mtime REAL, sha256 TEXT, width INTEGER, height INTEGER
+);
+CREATE INDEX items_kind ON items(kind);
+"""
+
+
+class ItemStore:
+    """Read-only, thread-safe access to a bundle's `items.sqlite`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        uri = f"file:{path}?mode=ro&immutable=1"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def count(self, kind: ItemKind) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT COUNT(*) FROM items WHERE kind = ?", (kind,)).fetchone()
+        return int(row[0])
+
+    def get(self, item_id: int) -> Item | None:
+        return self.get_many([item_id]).get(item_id)
+
+    def get_many(self, ids: Sequence[int]) -> dict[int, Item]:
+        """Items by id; unknown ids are absent from the result."""
+        wanted = [int(i) for i in ids if int(i) >= 0]
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        sql = f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE id IN ({marks})"
+        with self._lock:
+            rows = self._conn.execute(sql, wanted).fetchall()
+        return {int(r[0]): Item(*r) for r in rows}
+
+
+@dataclass
+class Bundle:
+    """An opened, verified bundle: what the service serves from."""
+
+    root: Path
+    manifest: BundleManifest
+    image_index: faiss.Index
+    text_index: faiss.Index
+    items: ItemStore
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / MODEL_DIR
+
+    def close(self) -> None:
+        self.items.close()
+
+
+def read_current(bundles_dir: Path) -> str:
+    """The active bundle's name from `CURRENT`."""
+    current = Path(bundles_dir) / CURRENT
+    try:
+        name = current.read_text().strip()
+    except FileNotFoundError as e:
+        raise BundleError(f"no bundle published yet: {current} does not exist") from e
+    if not name or "/" in name or name.startswith("."):
+        raise BundleError(f"{current} does not name a bundle: {name!r}")
+    return name
+
+
+def load_manifest(root: Path) -> BundleManifest:
+    path = root / MANIFEST
+    try:
+        return BundleManifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError as e:
+        raise BundleError(f"{root.name}: {MANIFEST} is missing") from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{root.name}: {MANIFEST} is invalid at {where}: {first['msg']}") from e
+
+
+def verify_files(root: Path, manifest: BundleManifest, checksums: bool = True) -> None:
+    """Every file the manifest lists exists with its size (and sha256); the model fingerprint agrees."""
+    for rel, entry in manifest.files.items():
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"{root.name}: {rel} is missing")
+        if path.stat().st_size != entry.size:
+            raise BundleError(f"{root.name}: {rel} is {path.stat().st_size} bytes, manifest says {entry.size}")
+        if checksums and file_sha256(path) != entry.sha256:
+            raise BundleError(f"{root.name}: {rel} does not match its sha256 in the manifest")
+    weights = f"{MODEL_DIR}/{WEIGHTS_NAME}"
+    if weights not in manifest.files or manifest.files[weights].sha256 != manifest.model.fingerprint:
+        raise BundleError(f"{root.name}: model weights do not match the manifest's model fingerprint")
+
+
+def _check_index(root: Path, index: faiss.Index, spec: IndexSpec, dim: int, what: str) -> None:
+    if index.d != dim:
+        raise BundleError(f"{root.name}: {what} index has dimension {index.d}, the model embeds to {dim}")
+    if index.ntotal != spec.count:
+        raise BundleError(f"{root.name}: {what} index holds {index.ntotal} vectors, manifest says {spec.count}")
+
+
+def open_bundle_dir(root: Path, checksums: bool = True) -> Bundle:
+    """Open and verify one bundle directory (checksums, dimensions, counts, model fingerprint)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"bundle {root} does not exist")
+    manifest = load_manifest(root)
+    verify_files(root, manifest, checksums=checksums)
+    try:
+        image_index = faiss.read_index(str(root / manifest.images.file))
+        text_index = faiss.read_index(str(root / manifest.texts.file))
+    except RuntimeError as e:
+        raise BundleError(f"{root.name}: cannot read a FAISS index: {e}") from e
+    dim = manifest.model.embed_dim
+    _check_index(root, image_index, manifest.images, dim, "image")
+    _check_index(root, text_index, manifest.texts, dim, "text")
+    _apply_search_params(image_index, manifest.images)
+    _apply_search_params(text_index, manifest.texts)
+    items = ItemStore(root / ITEMS_DB)
+    try:
+        for kind, spec in (("image", manifest.images), ("text", manifest.texts)):
+            n = items.count(kind)  # type: ignore[arg-type]
+            if n != spec.count:
+                raise BundleError(f"{root.name}: items.sqlite has {n} {kind} rows, the index has {spec.count}")
+    except sqlite3.DatabaseError as e:
+        items.close()
+        raise BundleError(f"{root.name}: items.sqlite is unreadable: {e}") from e
+    except BundleError:
+        items.close()
+        raise
+    return Bundle(root=root, manifest=manifest, image_index=image_index, text_index=text_index, items=items)
+
+
+def _apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
+    if spec.params:
+        ps = faiss.ParameterSpace()
+        ps.set_index_parameters(index, ",".join(f"{k}={v}" for k, v in spec.params.items()))
+
+
+def open_bundle(bundles_dir: Path, version: str | None = None, checksums: bool = True) -> Bundle:
+    """Open the bundle `CURRENT` names (or `version`), verified."""
+    bundles_dir = Path(bundles_dir)
+    name = version or read_current(bundles_dir)
+    return open_bundle_dir(bundles_dir / name, checksums=checksums)
+
+
+def list_versions(bundles_dir: Path) -> list[str]:
+    """Published bundle names, oldest first (names sort by creation time)."""
+    bundles_dir = Path(bundles_dir)
+    if not bundles_dir.is_dir():
+        return []
+    return sorted(p.name for p in bundles_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------- leases
+
+
+def write_lease(bundles_dir: Path, version: str) -> bool:
+    """Record (best effort) that this process serves `version`, so gc keeps it. False if read-only."""
+    lease = Path(bundles_dir) / LEASES_DIR / version / f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        lease.parent.mkdir(parents=True, exist_ok=True)
+        lease.touch()
+        return True
+    except OSError:
+        return False
+
+
+def leased_versions(bundles_dir: Path, ttl_s: float = LEASE_TTL_S) -> set[str]:
+    """Versions with a lease refreshed within `ttl_s` seconds."""
+    root = Path(bundles_dir) / LEASES_DIR
+    now = time.time()
+    live: set[str] = set()
+    if root.is_dir():
+        for d in root.iterdir():
+            if any(now - f.stat().st_mtime < ttl_s for f in d.iterdir() if f.is_file()):
+                live.add(d.name)
+    return live
+
+
+# ------------------------------------------------------------------------------------------ write side
+
+
+def new_version() -> str:
+    """A sortable, unique bundle name: UTC time to the microsecond plus a random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_items(path: Path, items: Iterable[Item]) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(_SCHEMA)
+        conn.executemany(
+            f"INSERT INTO items ({', '.join(_ITEM_COLUMNS)}) VALUES ({', '.join('?' * len(_ITEM_COLUMNS))})",
+            (
+                (i.id, i.kind, i.path, i.text, i.size, i.mtime, i.sha256, i.width, i.height)
+                for i in items
+            ),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class BundleContents:
+    """Everything a new bundle holds, built by the indexer."""
+
+    model_dir: Path
+    model: ModelRef
+    image_index: faiss.Index
+    text_index: faiss.Index
+    images: IndexSpec
+    texts: IndexSpec
+    items: Sequence[Item]
+    skipped: Sequence[dict[str, Any]] = ()
+    stats: dict[str, Any] | None = None
+
+
+def clean_temp(bundles_dir: Path) -> list[str]:
+    """Remove leftovers of interrupted publishes (`.tmp-*` dirs and `CURRENT.tmp`)."""
+    removed = []
+    for p in Path(bundles_dir).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p.name)
+    (Path(bundles_dir) / f"{CURRENT}.tmp").unlink(missing_ok=True)
+    return removed
+
+
+def publish(bundles_dir: Path, contents: BundleContents) -> Path:
+    """Write a bundle into a temp dir, fsync, verify it as the service would, rename it, flip `CURRENT`.
+
+    A crash at any point leaves the previous bundle current and loadable.
+    """
+    bundles_dir = Path(bundles_dir)
+    bundles_dir.mkdir(parents=True, exist_ok=True)
+    version = new_version()
+    tmp = bundles_dir / f"{TMP_PREFIX}{version}"
+    tmp.mkdir()
+    try:
+        _write_contents(tmp, version, contents)
+        open_bundle_dir(tmp).close()
+        final = bundles_dir / version
+        os.rename(tmp, final)
+        _fsync_dir(bundles_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    set_current(bundles_dir, version)
+    return final
+
+
+def set_current(bundles_dir: Path, version: str) -> None:
+    """Atomically point `CURRENT` at `version`."""
+    tmp = Path(bundles_dir) / f"{CURRENT}.tmp"
+    tmp.write_text(version + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, Path(bundles_dir) / CURRENT)
+    _fsync_dir(Path(bundles_dir))
+
+
+def _write_contents(tmp: Path, version: str, c: BundleContents) -> None:
+    model_out = tmp / MODEL_DIR
+    model_out.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copyfile(c.model_dir / name, model_out / name)
+    faiss.write_index(c.image_index, str(tmp / c.images.file))
+    faiss.write_index(c.text_index, str(tmp / c.texts.file))
+    write_items(tmp / ITEMS_DB, c.items)
+    with open(tmp / SKIPPED, "w") as f:
+        for row in c.skipped:
+            f.write(json.dumps(row) + "\n")
+    rels = [f"{MODEL_DIR}/{CONFIG_NAME}", f"{MODEL_DIR}/{WEIGHTS_NAME}", c.images.file, c.texts.file, ITEMS_DB, SKIPPED]
+    files = {}
+    for rel in rels:
+        _fsync_file(tmp / rel)
+        files[rel] = FileEntry(sha256=file_sha256(tmp / rel), size=(tmp / rel).stat().st_size)
+    manifest = BundleManifest(
+        version=version,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=c.model,
+        images=c.images,
+        texts=c.texts,
+        files=files,
+        stats=c.stats or {},
+    )
+    (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(model_out)
+    _fsync_dir(tmp)

@@ -1,0 +1,1 @@
+"""The `clipsearch` command line: one module per subcommand, each thin (parse -> config -> one call)."""

@@ -1,0 +1,1 @@
+"""`clipsearch bundles`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`clipsearch data`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`clipsearch demo`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`clipsearch evaluate`: not implemented yet."""

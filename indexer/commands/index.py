@@ -1,0 +1,1 @@
+"""`clipsearch index`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`clipsearch serve`: not implemented yet."""

@@ -1,0 +1,1 @@
+"""`clipsearch train`: not implemented yet."""

@@ -1,0 +1,228 @@
+"""Build, save and load dual encoders (open_clip models) and turn images and texts into unit vectors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from open_clip.push_to_hf_hub import save_config_for_hf
+from safetensors.torch import save_file
+
+from indexer.errors import ClipsearchError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Shipped architectures (small CPU-trainable ones) become open_clip model names like any built-in.
+open_clip.add_model_config(SHIPPED_CONFIG_DIR)
+
+
+class ModelError(ClipsearchError, ValueError):
+    """A model spec or model directory that cannot be used; the message says why."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; `cuda` without a GPU is an error, not a silent fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but no CUDA GPU is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ModelError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def shipped_models() -> list[str]:
+    """Names of the architecture configs this project ships (e.g. `small`, `tiny-test`)."""
+    return sorted(p.stem for p in SHIPPED_CONFIG_DIR.glob("*.json"))
+
+
+def resolve_model_name(spec: str) -> str:
+    """Turn a `--model` value into an open_clip model name.
+
+    Accepts a shipped name (`small`), any open_clip architecture (`ViT-B-32`), a path to a JSON model
+    config (registered under its file stem), or a saved model directory (`local-dir:`).
+    """
+    path = Path(spec)
+    if spec.startswith(open_clip.factory.LOCAL_DIR_PREFIX):
+        return spec
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise ModelError(f"{spec} is a directory without {CONFIG_NAME}; not an open_clip model dir")
+        return f"local-dir:{path.resolve()}"
+    if spec.endswith(".json"):
+        if not path.is_file():
+            raise ModelError(f"model config {spec} does not exist")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"model config {spec} is not valid JSON: {e}") from e
+        if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+            raise ModelError(f"model config {spec} needs embed_dim, vision_cfg and text_cfg keys")
+        open_clip.add_model_config(path)
+        return path.stem
+    if spec not in open_clip.list_models():
+        raise ModelError(
+            f"unknown model {spec!r}: use a shipped config ({', '.join(shipped_models())}), "
+            "an open_clip name (see open_clip.list_models()), a JSON config path or a model dir"
+        )
+    return spec
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The architecture config (open_clip's `model_cfg`) of a resolved model name."""
+    if name.startswith(open_clip.factory.LOCAL_DIR_PREFIX):
+        cfg_path = Path(name[len(open_clip.factory.LOCAL_DIR_PREFIX) :]) / CONFIG_NAME
+        return cast(dict[str, Any], json.loads(cfg_path.read_text())["model_cfg"])
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ModelError(f"no config for model {name!r}")
+    return cast(dict[str, Any], cfg)
+
+
+def save_model_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path) -> Path:
+    """Write open_clip's saved-model layout (config JSON + safetensors), atomically per file.
+
+    Loadable by `open_clip.create_model_and_transforms("local-dir:OUT_DIR")`. No pickle.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp_weights = out_dir / f".{WEIGHTS_NAME}.tmp"
+    save_file(state, str(tmp_weights))
+    tmp_cfg = out_dir / f".{CONFIG_NAME}.tmp"
+    save_config_for_hf(model, tmp_cfg, model_cfg)
+    for tmp, final in ((tmp_weights, WEIGHTS_NAME), (tmp_cfg, CONFIG_NAME)):
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out_dir / final)
+    return out_dir
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 of the weights file: two model dirs with equal fingerprints embed identically."""
+    weights = Path(model_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelError(f"{model_dir} has no {WEIGHTS_NAME}")
+    return file_sha256(weights)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is: enough to describe it in a manifest or `/v1/info`."""
+
+    name: str
+    embed_dim: int
+    image_size: int
+    context_length: int
+    fingerprint: str
+    preprocess: dict[str, Any]
+
+
+class Encoder:
+    """A loaded dual encoder in eval mode that returns L2-normalised float32 vectors.
+
+    Mixed precision (fp16 autocast) is used on CUDA; on CPU everything stays fp32.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Any,
+        tokenizer: Any,
+        device: torch.device,
+        info: ModelInfo,
+    ) -> None:
+        self.model = model.eval().to(device)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.info = info
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str = "auto") -> Encoder:
+        """Load a saved model dir (open_clip local-dir layout)."""
+        model_dir = Path(model_dir)
+        if not (model_dir / CONFIG_NAME).is_file() or not (model_dir / WEIGHTS_NAME).is_file():
+            raise ModelError(f"{model_dir} is not a model dir: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        dev = resolve_device(device)
+        name = f"local-dir:{model_dir.resolve()}"
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=dev)
+        tokenizer = open_clip.get_tokenizer(name)
+        cfg = json.loads((model_dir / CONFIG_NAME).read_text())
+        info = ModelInfo(
+            name=str(cfg.get("name") or model_dir.name),
+            embed_dim=int(cfg["model_cfg"]["embed_dim"]),
+            image_size=_image_size(model),
+            context_length=int(getattr(model, "context_length", 0) or cfg["model_cfg"]["text_cfg"].get("context_length", 77)),
+            fingerprint=model_fingerprint(model_dir),
+            preprocess=dict(getattr(model.visual, "preprocess_cfg", {})),
+        )
+        return cls(model, preprocess, tokenizer, dev, info)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return nullcontext()
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(n, 3, H, W) float32 tensor, ready for `encode_pixels`."""
+        return torch.stack([self.preprocess(img) for img in images])
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """(n, 3, H, W) preprocessed pixels -> (n, dim) float32, L2-normalised."""
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.info.embed_dim), dtype=np.float32)
+        pin = self.device.type == "cuda"
+        pixels = (pixels.pin_memory() if pin else pixels).to(self.device, non_blocking=pin)
+        with self.autocast():
+            feats = self.model.encode_image(pixels, normalize=True)
+        return _to_numpy(feats)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Decoded RGB images -> (n, dim) float32, L2-normalised."""
+        return self.encode_pixels(self.preprocess_images(images))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (n, dim) float32, L2-normalised."""
+        if len(texts) == 0:
+            return np.zeros((0, self.info.embed_dim), dtype=np.float32)
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with self.autocast():
+            feats = self.model.encode_text(tokens, normalize=True)
+        return _to_numpy(feats)
+
+
+def _to_numpy(feats: torch.Tensor) -> np.ndarray:
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+    return cast(np.ndarray, feats.cpu().numpy().astype(np.float32, copy=False))
+
+
+def _image_size(model: torch.nn.Module) -> int:
+    size = getattr(model.visual, "image_size", None) or model.visual.preprocess_cfg.get("size", 224)
+    if isinstance(size, list | tuple):
+        return int(size[0])
+    return int(size)

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random model and a synthetic image–caption set, both made by the tests."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (20, 40, 230),
+    "yellow": (240, 230, 20),
+    "purple": (140, 30, 170),
+    "orange": (250, 140, 10),
+    "black": (5, 5, 5),
+    "white": (250, 250, 250),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised `tiny-test` model saved in open_clip's local-dir layout."""
+    import open_clip
+
+    from indexer.model import model_config, save_model_dir
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-test")
+    return save_model_dir(model, model_config("tiny-test"), tmp_path_factory.mktemp("tiny-model"))
+
+
+def make_colour_dataset(root: Path, size: int = 40) -> Path:
+    """8 solid-colour PNGs and `captions.csv` (filepath,caption) under `root`; returns the CSV."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, rgb in COLOURS.items():
+        path = images / f"{name}.png"
+        Image.new("RGB", (size, size), rgb).save(path)
+        rows.append({"filepath": f"images/{name}.png", "caption": f"a {name} square"})
+    csv_path = root / "captions.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["filepath", "caption"])
+        w.writeheader()
+        w.writerows(rows)
+    return csv_path
+
+
+@pytest.fixture(scope="session")
+def colour_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only session dataset; tests that modify data should call `make_colour_dataset` themselves."""
+    return make_colour_dataset(tmp_path_factory.mktemp("colours"))
+
+
+def run_cli(args: Sequence[str], cwd: Path | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess[str]:
+    """Run `clipsearch ARGS` in a real subprocess (python -m indexer.cli), capturing text output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **kw.pop("env", {})}
+    return subprocess.run(
+        [sys.executable, "-m", "indexer.cli", *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
