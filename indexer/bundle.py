@@ -199,7 +199,9 @@ def verify_files(root: Path, manifest: BundleManifest, checksums: bool = True) -
         if not path.is_file():
             raise BundleError(f"{root.name}: {rel} is missing")
         if path.stat().st_size != entry.size:
-            raise BundleError(f"{root.name}: {rel} is {path.stat().st_size} bytes, manifest says {entry.size}")
+            raise BundleError(
+                f"{root.name}: {rel} is {path.stat().st_size} bytes, manifest says {entry.size}"
+            )
         if checksums and file_sha256(path) != entry.sha256:
             raise BundleError(f"{root.name}: {rel} does not match its sha256 in the manifest")
     weights = f"{MODEL_DIR}/{WEIGHTS_NAME}"
@@ -211,7 +213,9 @@ def _check_index(root: Path, index: faiss.Index, spec: IndexSpec, dim: int, what
     if index.d != dim:
         raise BundleError(f"{root.name}: {what} index has dimension {index.d}, the model embeds to {dim}")
     if index.ntotal != spec.count:
-        raise BundleError(f"{root.name}: {what} index holds {index.ntotal} vectors, manifest says {spec.count}")
+        raise BundleError(
+            f"{root.name}: {what} index holds {index.ntotal} vectors, manifest says {spec.count}"
+        )
 
 
 def open_bundle_dir(root: Path, checksums: bool = True) -> Bundle:
@@ -236,7 +240,9 @@ def open_bundle_dir(root: Path, checksums: bool = True) -> Bundle:
         for kind, spec in (("image", manifest.images), ("text", manifest.texts)):
             n = items.count(kind)  # type: ignore[arg-type]
             if n != spec.count:
-                raise BundleError(f"{root.name}: items.sqlite has {n} {kind} rows, the index has {spec.count}")
+                raise BundleError(
+                    f"{root.name}: items.sqlite has {n} {kind} rows, the index has {spec.count}"
+                )
     except sqlite3.DatabaseError as e:
         items.close()
         raise BundleError(f"{root.name}: items.sqlite is unreadable: {e}") from e
@@ -249,7 +255,7 @@ def open_bundle_dir(root: Path, checksums: bool = True) -> Bundle:
 def _apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
     if spec.params:
         ps = faiss.ParameterSpace()
-        ps.set_index_parameters(index, ",".join(f"{k}={v}" for k, v in spec.params.items()))
+        ps.set_index_parameters(index, ",".join(f"{k}={v}" for k, v in spec.params.items()))  # type: ignore[arg-type]
 
 
 def open_bundle(bundles_dir: Path, version: str | None = None, checksums: bool = True) -> Bundle:
@@ -320,10 +326,7 @@ def write_items(path: Path, items: Iterable[Item]) -> None:
         conn.executescript(_SCHEMA)
         conn.executemany(
             f"INSERT INTO items ({', '.join(_ITEM_COLUMNS)}) VALUES ({', '.join('?' * len(_ITEM_COLUMNS))})",
-            (
-                (i.id, i.kind, i.path, i.text, i.size, i.mtime, i.sha256, i.width, i.height)
-                for i in items
-            ),
+            ((i.id, i.kind, i.path, i.text, i.size, i.mtime, i.sha256, i.width, i.height) for i in items),
         )
         conn.commit()
     finally:
@@ -398,7 +401,14 @@ def _write_contents(tmp: Path, version: str, c: BundleContents) -> None:
     with open(tmp / SKIPPED, "w") as f:
         for row in c.skipped:
             f.write(json.dumps(row) + "\n")
-    rels = [f"{MODEL_DIR}/{CONFIG_NAME}", f"{MODEL_DIR}/{WEIGHTS_NAME}", c.images.file, c.texts.file, ITEMS_DB, SKIPPED]
+    rels = [
+        f"{MODEL_DIR}/{CONFIG_NAME}",
+        f"{MODEL_DIR}/{WEIGHTS_NAME}",
+        c.images.file,
+        c.texts.file,
+        ITEMS_DB,
+        SKIPPED,
+    ]
     files = {}
     for rel in rels:
         _fsync_file(tmp / rel)

@@ -198,7 +198,7 @@ def iter_shards(shards: Sequence[Path]) -> Iterator[Record]:
     for shard in shards:
         shard = shard.resolve()
         try:
-            tar = tarfile.open(shard)
+            tar = tarfile.open(shard)  # noqa: SIM115 - closed by the with below
         except (tarfile.TarError, OSError) as e:
             raise DataError(f"{shard}: not a readable tar shard ({e})") from e
         with tar:

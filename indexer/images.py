@@ -1,4 +1,4 @@
-"""The one image decoder used by training, indexing and the service, so a picture always maps to one tensor."""
+"""The one image decoder used by training, indexing and the service: a picture always maps to one tensor."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from indexer.errors import ClipsearchError
 
@@ -56,6 +56,7 @@ Source = str | os.PathLike[str] | bytes | IO[bytes]
 
 
 def _open(source: Source) -> Image.Image:
+    name = "<bytes>" if isinstance(source, bytes) else str(getattr(source, "name", source))
     try:
         if isinstance(source, bytes):
             return Image.open(io.BytesIO(source))
@@ -63,12 +64,12 @@ def _open(source: Source) -> Image.Image:
             return Image.open(Path(source))
         return Image.open(source)
     except FileNotFoundError as e:
-        raise ImageError("not_found", f"file not found: {source}") from e
+        raise ImageError("not_found", f"file not found: {name}") from e
     except IsADirectoryError as e:
-        raise ImageError("not_a_file", f"not a file: {source}") from e
+        raise ImageError("not_a_file", f"not a file: {name}") from e
     except PermissionError as e:
-        raise ImageError("unreadable", f"permission denied: {source}") from e
-    except Image.UnidentifiedImageError as e:
+        raise ImageError("unreadable", f"permission denied: {name}") from e
+    except UnidentifiedImageError as e:
         raise ImageError("not_an_image", "the data is not a recognised image") from e
     except OSError as e:
         raise ImageError("unreadable", f"cannot read image: {e}") from e

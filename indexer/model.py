@@ -15,8 +15,8 @@ from typing import Any, cast
 import numpy as np
 import open_clip
 import torch
-from PIL import Image
 from open_clip.push_to_hf_hub import save_config_for_hf
+from PIL import Image
 from safetensors.torch import save_file
 
 from indexer.errors import ClipsearchError
@@ -154,7 +154,7 @@ class Encoder:
         device: torch.device,
         info: ModelInfo,
     ) -> None:
-        self.model = model.eval().to(device)
+        self.model: Any = model.eval().to(device)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
@@ -175,7 +175,9 @@ class Encoder:
             name=str(cfg.get("name") or model_dir.name),
             embed_dim=int(cfg["model_cfg"]["embed_dim"]),
             image_size=_image_size(model),
-            context_length=int(getattr(model, "context_length", 0) or cfg["model_cfg"]["text_cfg"].get("context_length", 77)),
+            context_length=int(
+                getattr(model, "context_length", 0) or cfg["model_cfg"]["text_cfg"].get("context_length", 77)
+            ),
             fingerprint=model_fingerprint(model_dir),
             preprocess=dict(getattr(model.visual, "preprocess_cfg", {})),
         )
@@ -218,10 +220,11 @@ class Encoder:
 
 def _to_numpy(feats: torch.Tensor) -> np.ndarray:
     feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-    return cast(np.ndarray, feats.cpu().numpy().astype(np.float32, copy=False))
+    out: np.ndarray = feats.cpu().numpy().astype(np.float32, copy=False)
+    return out
 
 
-def _image_size(model: torch.nn.Module) -> int:
+def _image_size(model: Any) -> int:
     size = getattr(model.visual, "image_size", None) or model.visual.preprocess_cfg.get("size", 224)
     if isinstance(size, list | tuple):
         return int(size[0])

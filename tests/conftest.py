@@ -62,7 +62,9 @@ def colour_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_colour_dataset(tmp_path_factory.mktemp("colours"))
 
 
-def run_cli(args: Sequence[str], cwd: Path | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str], cwd: Path | None = None, timeout: float = 300, **kw
+) -> subprocess.CompletedProcess[str]:
     """Run `clipsearch ARGS` in a real subprocess (python -m indexer.cli), capturing text output."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **kw.pop("env", {})}
     return subprocess.run(
