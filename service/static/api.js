@@ -1,0 +1,109 @@
+// The HTTP API as the page uses it (contract in DESIGN.md). Every URL is relative: the page never
+// talks to any origin but the one that served it.
+
+/** An API failure with the server's error code and a message a person can read. */
+export class ApiError extends Error {
+  constructor(status, code, message, retryAfter = null) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+  }
+  get notReady() {
+    return this.status === 503 && this.retryAfter === null;
+  }
+  get busy() {
+    return this.status === 503 && this.retryAfter !== null;
+  }
+}
+
+async function errorFrom(res) {
+  let code = `http_${res.status}`;
+  let message = res.statusText || "request failed";
+  try {
+    const body = await res.json();
+    const err = body.error || body;
+    code = err.code || code;
+    message = err.message || err.reason || (typeof err.detail === "string" ? err.detail : message);
+  } catch {
+    // Not JSON (a proxy's HTML error page, say): the status line is all we have.
+  }
+  const retry = res.headers.get("Retry-After");
+  return new ApiError(res.status, code, message, retry === null ? null : Number(retry) || 1);
+}
+
+async function request(url, init = {}) {
+  let res;
+  try {
+    res = await fetch(url, { ...init, headers: { Accept: "application/json", ...(init.headers || {}) } });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new ApiError(0, "network", "The server cannot be reached. Is clipsearch still running?");
+  }
+  if (!res.ok) throw await errorFrom(res);
+  return res;
+}
+
+/** GET /v1/info: bundle version, model, item counts, device. */
+export async function info() {
+  return (await request("/v1/info")).json();
+}
+
+/** GET /readyz: {ready: true} or {ready: false, reason}. */
+export async function readiness() {
+  try {
+    await request("/readyz");
+    return { ready: true };
+  } catch (e) {
+    return { ready: false, reason: e.message, status: e.status };
+  }
+}
+
+/** POST /v1/search/text. `minScore` null means no threshold. */
+export async function searchText({ query, k, target, minScore, offset }, signal) {
+  const body = JSON.stringify({ query, k, target, min_score: minScore, offset });
+  const res = await request("/v1/search/text", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body,
+    signal,
+  });
+  return res.json();
+}
+
+/** POST /v1/search/image (multipart) with the image as a Blob. */
+export async function searchImage({ image, k, target, minScore, offset }, signal) {
+  const form = new FormData();
+  form.append("file", image, image.name || "query");
+  form.append("k", String(k));
+  form.append("target", target);
+  form.append("offset", String(offset));
+  if (minScore !== null) form.append("min_score", String(minScore));
+  const res = await request("/v1/search/image", { method: "POST", body: form, signal });
+  return res.json();
+}
+
+/** GET /v1/items/{id}: the stored metadata of one image or text. */
+export async function item(id) {
+  return (await request(`/v1/items/${encodeURIComponent(id)}`)).json();
+}
+
+export function itemImageUrl(id) {
+  return `/v1/items/${encodeURIComponent(id)}/image`;
+}
+
+/** The stored image of an item as a Blob, to search with it ("similar images"). */
+export async function itemImage(id) {
+  const blob = await (await request(itemImageUrl(id), { headers: { Accept: "image/*" } })).blob();
+  return new File([blob], `item-${id}`, { type: blob.type || "application/octet-stream" });
+}
+
+/** Read the counts out of /v1/info, whichever of the documented shapes the server uses. */
+export function describeInfo(data) {
+  const bundle = data.bundle?.version ?? data.bundle_version ?? data.version ?? data.bundle ?? "?";
+  const counts = data.counts ?? data.items ?? {};
+  const images = counts.images ?? data.images?.count ?? data.images;
+  const texts = counts.texts ?? data.texts?.count ?? data.texts;
+  const model = data.model?.name ?? (typeof data.model === "string" ? data.model : null);
+  return { bundle: String(bundle), images, texts, model, device: data.device ?? null };
+}

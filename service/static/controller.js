@@ -1,0 +1,274 @@
+// The search page's controller: URL state -> searches -> rendering.
+import * as api from "./api.js";
+import * as render from "./render.js";
+import * as urlState from "./state.js";
+
+const $ = (id) => document.getElementById(id);
+const TYPING_DEBOUNCE_MS = 250;
+const READY_POLL_MS = 2000;
+
+const page = {
+  state: urlState.parse(location.search),
+  results: [], // every result loaded for the current query, in order
+  response: null, // the last response (bundle, took_ms)
+  hasMore: false,
+  loading: false,
+  controller: null, // AbortController of the request in flight
+  generation: 0, // bumps on every new query, so late answers to old ones are dropped
+  bundle: null,
+  ready: null,
+  typingEntry: false, // the current history entry was made by typing: update it instead of pushing
+  viewPushed: false, // the open large view added a history entry (so closing it goes back)
+  // The target each kind of query last used: text finds images, an image finds captions by default.
+  targetFor: { text: "images", image: "texts" },
+};
+
+// ------------------------------------------------------------------------------------- navigation
+
+function navigate(changes, { push = true, typing = false } = {}) {
+  const next = { ...page.state, ...changes };
+  const url = urlState.format(next);
+  if (push && !(typing && page.typingEntry)) history.pushState(null, "", url);
+  else history.replaceState(null, "", url);
+  page.typingEntry = typing;
+  apply(next);
+}
+
+/** Make the page show `state`: controls, the query, and the large view. */
+function apply(state) {
+  const previous = page.state;
+  page.state = state;
+  syncControls(state);
+  const fresh = !urlState.sameQuery(previous, state) || page.response === null;
+  if (fresh) runQuery();
+  syncView(state);
+}
+
+function syncControls(state) {
+  const q = $("q");
+  if (document.activeElement !== q || q.value.trim() !== state.q.trim()) q.value = state.q;
+  $(`target-${state.target}`).checked = true;
+  const k = $("k");
+  if (![...k.options].some((o) => Number(o.value) === state.k)) k.add(new Option(String(state.k)));
+  k.value = String(state.k);
+  $("min-score").value = state.min === null ? "" : String(state.min);
+  page.targetFor[state.similar || state.upload ? "image" : "text"] = state.target;
+}
+
+// ----------------------------------------------------------------------------------------- search
+
+async function queryImage(state) {
+  if (state.similar) return api.itemImage(state.similar);
+  if (state.upload) return urlState.getUpload(state.upload);
+  return null;
+}
+
+async function runQuery() {
+  page.controller?.abort();
+  page.generation += 1;
+  page.results = [];
+  page.response = null;
+  page.hasMore = false;
+  render.clearResults();
+  render.status("");
+  $("download").disabled = true;
+  const state = page.state;
+  if (!urlState.hasQuery(state)) {
+    render.queryImage(null);
+    render.message("");
+    $("hint").hidden = false;
+    return;
+  }
+  $("hint").hidden = true;
+  await loadPage();
+}
+
+async function loadPage() {
+  const state = page.state;
+  const generation = page.generation;
+  page.loading = true;
+  page.controller = new AbortController();
+  document.body.classList.add("busy");
+  try {
+    const image = await queryImage(state);
+    if ((state.similar || state.upload) && !image) {
+      render.queryImage(null);
+      render.message("The image of this search was dropped in another tab or session. Drop or pick it again.", "warn");
+      return;
+    }
+    render.queryImage(image);
+    const params = { k: state.k, target: state.target, minScore: state.min, offset: page.results.length };
+    const signal = page.controller.signal;
+    const response = image
+      ? await api.searchImage({ ...params, image }, signal)
+      : await api.searchText({ ...params, query: state.q.trim() }, signal);
+    if (generation !== page.generation) return;
+    showPage(response, state);
+  } catch (e) {
+    if (e.name === "AbortError" || generation !== page.generation) return;
+    showError(e, state);
+  } finally {
+    if (generation === page.generation) {
+      page.loading = false;
+      document.body.classList.remove("busy");
+      $("more").hidden = !page.hasMore;
+    }
+  }
+}
+
+function showPage(response, state) {
+  const offset = page.results.length;
+  const results = response.results || [];
+  const topScore = offset ? page.results[0].score : results[0]?.score;
+  page.results.push(...results);
+  page.response = response;
+  page.hasMore = results.length === state.k && state.k + page.results.length <= 10_000;
+  render.appendResults(results, offset, topScore);
+  $("download").disabled = page.results.length === 0;
+  if (response.bundle && page.bundle && response.bundle !== page.bundle) loadInfo();
+  render.message("");
+  if (page.results.length === 0) {
+    const what = state.q ? `“${state.q.trim()}”` : "this image";
+    const min = state.min === null ? "" : ` with a score of at least ${state.min}`;
+    render.message(`Nothing matches ${what}${min}.${state.min === null ? "" : " Try a lower minimum score."}`, "info");
+  }
+  const noun = state.target === "images" ? "image" : "caption";
+  const n = page.results.length;
+  const took = `${Number(response.took_ms).toFixed(1)} ms`;
+  render.status(`${n} ${noun}${n === 1 ? "" : "s"}${page.hasMore ? "+" : ""} · ${took}`, `bundle ${response.bundle}`);
+  if (state.view) syncView(state);
+  fillViewport();
+}
+
+function showError(e, state) {
+  if (e instanceof api.ApiError && e.notReady) {
+    notReady(e.message);
+    return;
+  }
+  if (e instanceof api.ApiError && e.busy) {
+    render.message(`The server is busy. Trying again in ${e.retryAfter} s…`, "warn");
+    setTimeout(() => urlState.sameQuery(state, page.state) && loadPage(), e.retryAfter * 1000);
+    return;
+  }
+  const isImage = Boolean(state.similar || state.upload);
+  const rejected = isImage && [400, 413, 415, 422].includes(e.status);
+  const text = rejected ? `This file was rejected: ${e.message}` : e.message;
+  render.message(text, "error", page.results.length ? null : { label: "Retry", run: () => runQuery() });
+  page.hasMore = false;
+}
+
+/** Infinite scroll: load the next page when the end of the grid comes into view. */
+function loadMore() {
+  if (page.hasMore && !page.loading && page.response) loadPage();
+}
+
+function fillViewport() {
+  // A tall screen may show the whole first page with the sentinel already visible: keep loading.
+  requestAnimationFrame(() => {
+    const box = $("sentinel").getBoundingClientRect();
+    if (box.top < innerHeight + 200) loadMore();
+  });
+}
+
+// ------------------------------------------------------------------------------ server readiness
+
+async function loadInfo() {
+  try {
+    const d = api.describeInfo(await api.info());
+    page.bundle = d.bundle;
+    const parts = [`bundle ${d.bundle}`];
+    if (d.images !== undefined) parts.push(`${Number(d.images).toLocaleString()} images`);
+    if (d.texts !== undefined) parts.push(`${Number(d.texts).toLocaleString()} captions`);
+    if (d.device) parts.push(d.device);
+    render.info(parts.join(" · "), d.model ? `model ${d.model}` : "");
+    page.ready = true;
+  } catch (e) {
+    if (e instanceof api.ApiError && e.status === 503) notReady(e.message);
+    else render.info("server unavailable");
+  }
+}
+
+function notReady(reason) {
+  const wasReady = page.ready !== false;
+  page.ready = false;
+  render.info("not ready");
+  render.message(`The search service is not ready yet: ${reason}. This page retries by itself.`, "warn");
+  if (wasReady) setTimeout(pollReady, READY_POLL_MS);
+}
+
+async function pollReady() {
+  const r = await api.readiness();
+  if (!r.ready) {
+    render.message(`The search service is not ready yet: ${r.reason}. This page retries by itself.`, "warn");
+    setTimeout(pollReady, READY_POLL_MS);
+    return;
+  }
+  render.message("");
+  await loadInfo();
+  if (urlState.hasQuery(page.state)) runQuery();
+}
+
+// ----------------------------------------------------------------------------------- large view
+
+function openView(index) {
+  const result = page.results[index];
+  if (!result) return;
+  navigate({ view: String(result.id) });
+  page.viewPushed = true;
+}
+
+async function syncView(state) {
+  const dialog = $("detail");
+  if (!state.view) {
+    if (dialog.open) dialog.close();
+    return;
+  }
+  const index = page.results.findIndex((r) => String(r.id) === state.view);
+  let result = page.results[index];
+  if (!result) {
+    if (page.loading) return; // showPage calls back once the results are in
+    try {
+      const it = await api.item(state.view);
+      result = { ...it, caption: it.caption ?? it.text, image_url: it.image_url };
+    } catch (e) {
+      render.message(`Item ${state.view} cannot be shown: ${e.message}`, "error");
+      return;
+    }
+  }
+  dialog.dataset.index = String(index);
+  render.detail(result, { hasPrev: index > 0, hasNext: index >= 0 && index < page.results.length - 1 });
+  if (!dialog.open) dialog.showModal();
+}
+
+function closeView() {
+  if (!page.state.view) return;
+  if (page.viewPushed) {
+    page.viewPushed = false;
+    history.back();
+  } else {
+    navigate({ view: null }, { push: false });
+  }
+}
+
+function stepView(delta) {
+  const index = Number($("detail").dataset.index) + delta;
+  const result = page.results[index];
+  if (!result) return;
+  navigate({ view: String(result.id) }, { push: false });
+  if (index >= page.results.length - 3) loadMore();
+}
+
+function currentViewItem() {
+  const index = Number($("detail").dataset.index);
+  return page.results[index] || { id: page.state.view, text: $("detail-title").textContent };
+}
+
+function searchFromView(changes) {
+  page.viewPushed = false;
+  $("detail").close();
+  navigate({ q: "", similar: null, upload: null, min: null, view: null, ...changes });
+}
+
+export { apply, closeView, currentViewItem, loadInfo, loadMore, navigate, openView, page, searchFromView, stepView };
+export const DEBOUNCE_MS = TYPING_DEBOUNCE_MS;
+

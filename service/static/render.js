@@ -1,0 +1,113 @@
+// DOM output: result cards, the large view, messages and the status line. No network calls here.
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children) if (child !== null) node.append(child);
+  return node;
+}
+
+export function label(result) {
+  return result.caption ?? result.text ?? result.path ?? `item ${result.id}`;
+}
+
+export function formatScore(score) {
+  return Number(score).toFixed(3);
+}
+
+/** One result as a focusable card; `index` is its position in the result list. */
+export function card(result, index, topScore) {
+  const text = label(result);
+  const isImage = result.kind === "image" && result.image_url;
+  const share = topScore > 0 ? Math.max(0.04, Math.min(1, result.score / topScore)) : 0.04;
+  const meter = el("span", { class: "meter", "aria-hidden": "true" }, el("span", { style: `width:${share * 100}%` }));
+  const score = el("span", { class: "score", title: "cosine similarity" }, formatScore(result.score));
+  const body = isImage
+    ? el("span", { class: "thumb" }, el("img", { src: result.image_url, alt: text, loading: "lazy", decoding: "async" }))
+    : el("span", { class: "quote" }, text);
+  return el(
+    "button",
+    {
+      type: "button",
+      class: isImage ? "card" : "card text",
+      dataset: { index: String(index), id: String(result.id) },
+      "aria-label": `${text} — score ${formatScore(result.score)}`,
+    },
+    body,
+    el("span", { class: "meta" }, isImage ? el("span", { class: "caption" }, text) : null, el("span", { class: "row" }, meter, score)),
+  );
+}
+
+export function appendResults(results, offset, topScore) {
+  const frag = document.createDocumentFragment();
+  results.forEach((r, i) => frag.append(card(r, offset + i, topScore)));
+  $("results").append(frag);
+}
+
+export function clearResults() {
+  $("results").replaceChildren();
+}
+
+/** A message above the results; kind is "error", "warn" or "info". Empty text hides it. */
+export function message(text, kind = "error", action = null) {
+  const box = $("message");
+  box.replaceChildren();
+  box.hidden = !text;
+  if (!text) return;
+  box.className = `message ${kind}`;
+  box.dataset.kind = kind;
+  box.append(el("span", {}, text));
+  if (action) {
+    const btn = el("button", { type: "button", class: "ghost" }, action.label);
+    btn.addEventListener("click", action.run);
+    box.append(btn);
+  }
+}
+
+export function status(text, title = "") {
+  $("status").textContent = text;
+  $("status").title = title;
+}
+
+export function info(text, title = "") {
+  $("info").textContent = text;
+  $("info").title = title;
+}
+
+/** Fill the large view for `result` (metadata from the search, or from /v1/items when opened by URL). */
+export function detail(result, { hasPrev, hasNext }) {
+  const isImage = result.kind === "image";
+  const img = $("detail-img");
+  img.hidden = !isImage;
+  if (isImage) {
+    img.src = result.image_url || `/v1/items/${result.id}/image`;
+    img.alt = label(result);
+  } else {
+    img.removeAttribute("src");
+  }
+  $("detail-title").textContent = label(result);
+  $("detail-score").textContent = result.score === undefined ? "—" : formatScore(result.score);
+  $("detail-id").textContent = String(result.id);
+  $("detail-path").textContent = result.path || "—";
+  $("detail-similar").hidden = !isImage;
+  $("detail-captions").hidden = !isImage;
+  $("detail-text").hidden = isImage;
+  $("detail-prev").disabled = !hasPrev;
+  $("detail-next").disabled = !hasNext;
+}
+
+export function queryImage(file) {
+  const box = $("query-image");
+  const thumb = $("query-thumb");
+  if (thumb.src.startsWith("blob:")) URL.revokeObjectURL(thumb.src);
+  box.hidden = !file;
+  if (file) thumb.src = URL.createObjectURL(file);
+  else thumb.removeAttribute("src");
+}
