@@ -9,11 +9,13 @@ export class ApiError extends Error {
     this.code = code;
     this.retryAfter = retryAfter;
   }
+  /** 503 "not_ready": no verified bundle is loaded yet (the server keeps trying). */
   get notReady() {
-    return this.status === 503 && this.retryAfter === null;
+    return this.status === 503 && !this.busy;
   }
+  /** 503 "overloaded": the query queue is full; retry after `retryAfter` seconds. */
   get busy() {
-    return this.status === 503 && this.retryAfter !== null;
+    return this.status === 503 && this.code === "overloaded";
   }
 }
 
@@ -29,7 +31,7 @@ async function errorFrom(res) {
     // Not JSON (a proxy's HTML error page, say): the status line is all we have.
   }
   const retry = res.headers.get("Retry-After");
-  return new ApiError(res.status, code, message, retry === null ? null : Number(retry) || 1);
+  return new ApiError(res.status, code, message, retry === null ? 1 : Number(retry) || 1);
 }
 
 async function request(url, init = {}) {
@@ -105,5 +107,5 @@ export function describeInfo(data) {
   const images = counts.images ?? data.images?.count ?? data.images;
   const texts = counts.texts ?? data.texts?.count ?? data.texts;
   const model = data.model?.name ?? (typeof data.model === "string" ? data.model : null);
-  return { bundle: String(bundle), images, texts, model, device: data.device ?? null };
+  return { bundle: String(bundle), images, texts, model, device: data.device ?? null, maxK: data.max_k ?? null };
 }

@@ -122,7 +122,7 @@ function showPage(response, state) {
   const topScore = offset ? page.results[0].score : results[0]?.score;
   page.results.push(...results);
   page.response = response;
-  page.hasMore = results.length === state.k && state.k + page.results.length <= 10_000;
+  page.hasMore = results.length === state.k;
   render.appendResults(results, offset, topScore);
   $("download").disabled = page.results.length === 0;
   if (response.bundle && page.bundle && response.bundle !== page.bundle) loadInfo();
@@ -148,6 +148,12 @@ function showError(e, state) {
   if (e instanceof api.ApiError && e.busy) {
     render.message(`The server is busy. Trying again in ${e.retryAfter} s…`, "warn");
     setTimeout(() => urlState.sameQuery(state, page.state) && loadPage(), e.retryAfter * 1000);
+    return;
+  }
+  if (page.results.length && e.status >= 400 && e.status < 500) {
+    // A later page refused (e.g. past the server's max offset): keep what is shown, stop paging.
+    page.hasMore = false;
+    render.status(`${page.results.length} results · no more can be loaded: ${e.message}`);
     return;
   }
   const isImage = Boolean(state.similar || state.upload);
@@ -181,11 +187,19 @@ async function loadInfo() {
     if (d.texts !== undefined) parts.push(`${Number(d.texts).toLocaleString()} captions`);
     if (d.device) parts.push(d.device);
     render.info(parts.join(" · "), d.model ? `model ${d.model}` : "");
+    limitPageSizes(d.maxK);
     page.ready = true;
   } catch (e) {
     if (e instanceof api.ApiError && e.status === 503) notReady(e.message);
     else render.info("server unavailable");
   }
+}
+
+/** Offer no page size above the server's max_k (a larger k would be refused). */
+function limitPageSizes(maxK) {
+  if (!maxK) return;
+  for (const option of [...$("k").options]) option.disabled = Number(option.value) > maxK;
+  if (page.state.k > maxK) navigate({ k: maxK }, { push: false });
 }
 
 function notReady(reason) {

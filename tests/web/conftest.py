@@ -1,0 +1,130 @@
+"""Browser-test fixtures: the real app served by uvicorn on loopback, and Debian's Chromium via Playwright."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import uvicorn
+
+from tests.web.bundles import build_bundle
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+class LiveServer:
+    """The real `create_app(settings)` under uvicorn in a background thread, on a free loopback port."""
+
+    def __init__(self, bundles: Path, **overrides: object) -> None:
+        from service.app import create_app
+        from service.settings import ServiceSettings
+
+        base: dict[str, object] = {
+            "bundles": bundles,
+            "device": "cpu",
+            "reload_poll_s": 0,
+            "batch_max_wait_ms": 1,
+        }
+        settings = ServiceSettings(**{**base, **overrides})  # type: ignore[arg-type]
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="session")
+def web_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, colour_csv: Path) -> Path:
+    """A bundles dir holding one bundle of the 8 colour squares (ids 0-7) and their captions (8-15)."""
+    out = tmp_path_factory.mktemp("web-bundles")
+    build_bundle(colour_csv, tiny_model_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(web_bundles: Path) -> Iterator[LiveServer]:
+    live = LiveServer(web_bundles)
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Debian's Chromium. Missing is a failure, not a skip: CI installs it (.ci/run)."""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: the browser tests need Debian's Chromium (apt-get install chromium)",
+            pytrace=False,
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Visit:
+    """A fresh browser context on one server that refuses, and records, any request to another origin."""
+
+    def __init__(self, browser: object, base_url: str, **context_options: object) -> None:
+        self.base_url = base_url
+        self.context = browser.new_context(base_url=base_url, accept_downloads=True, **context_options)  # type: ignore[attr-defined]
+        self.requests: list[str] = []
+        self.foreign: list[str] = []
+        self.search_bodies: list[str] = []  # JSON bodies of text searches, in order
+        self.errors: list[str] = []
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(15_000)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def _route(self, route: object) -> None:
+        url = route.request.url  # type: ignore[attr-defined]
+        self.requests.append(url)
+        if url.endswith("/v1/search/text"):
+            self.search_bodies.append(route.request.post_data or "")  # type: ignore[attr-defined]
+        parts = urlsplit(url)
+        if parts.scheme in ("blob", "data") or f"{parts.scheme}://{parts.netloc}" == self.base_url:
+            route.continue_()  # type: ignore[attr-defined]
+        else:
+            self.foreign.append(url)
+            route.abort()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def visit(browser: object, server: LiveServer) -> Iterator[Visit]:
+    """A desktop-sized page on the ready server; fails the test if the page reached another origin."""
+    v = Visit(browser, server.url, viewport={"width": 1280, "height": 900})
+    yield v
+    v.close()
+    assert v.foreign == [], f"the page made requests outside its origin: {v.foreign}"
+    assert v.errors == [], f"uncaught errors in the page: {v.errors}"
