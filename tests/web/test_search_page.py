@@ -113,7 +113,10 @@ def test_dropping_and_pasting_an_image_search_with_it(visit: Visit, colour_csv: 
     page = visit.page
     page.goto("/")
     data = list((colour_csv.parent / "images" / "blue.png").read_bytes())
-    make = "bytes => { const dt = new DataTransfer(); dt.items.add(new File([new Uint8Array(bytes)], 'b.png', {type: 'image/png'})); return dt; }"
+    make = (
+        "bytes => { const dt = new DataTransfer();"
+        " dt.items.add(new File([new Uint8Array(bytes)], 'b.png', {type: 'image/png'})); return dt; }"
+    )
     dt = page.evaluate_handle(make, data)
     page.dispatch_event("#dropzone", "drop", {"dataTransfer": dt})
     _wait_results(page, 8)
