@@ -3,6 +3,11 @@
 
 /** An API failure with the server's error code and a message a person can read. */
 export class ApiError extends Error {
+  /** 401/403 on a query route: the server wants an API key (or a different one). */
+  get needsKey() {
+    return this.status === 401 || (this.status === 403 && this.code === "forbidden");
+  }
+
   constructor(status, code, message, retryAfter = null) {
     super(message);
     this.status = status;
@@ -34,10 +39,29 @@ async function errorFrom(res) {
   return new ApiError(res.status, code, message, retry === null ? 1 : Number(retry) || 1);
 }
 
+// A server started with CLIPSEARCH_API_KEY wants the key on every query route. The page asks for it
+// once (see controller.js) and keeps it for this tab only.
+const KEY_STORE = "clipsearch:api-key";
+
+export function apiKey() {
+  return sessionStorage.getItem(KEY_STORE) || "";
+}
+
+export function setApiKey(key) {
+  if (key) sessionStorage.setItem(KEY_STORE, key);
+  else sessionStorage.removeItem(KEY_STORE);
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function request(url, init = {}) {
   let res;
   try {
-    res = await fetch(url, { ...init, headers: { Accept: "application/json", ...(init.headers || {}) } });
+    const headers = { Accept: "application/json", ...authHeaders(), ...(init.headers || {}) };
+    res = await fetch(url, { ...init, headers });
   } catch (e) {
     if (e.name === "AbortError") throw e;
     throw new ApiError(0, "network", "The server cannot be reached. Is clipsearch still running?");
@@ -98,6 +122,21 @@ export function itemImageUrl(id) {
 export async function itemImage(id) {
   const blob = await (await request(itemImageUrl(id), { headers: { Accept: "image/*" } })).blob();
   return new File([blob], `item-${id}`, { type: blob.type || "application/octet-stream" });
+}
+
+/** Show a stored image in `img`: a plain URL, or (with an API key, which <img> cannot send) a blob. */
+export function showImage(img, url) {
+  if (!apiKey()) {
+    img.src = url;
+    return;
+  }
+  request(url, { headers: { Accept: "image/*" } })
+    .then((res) => res.blob())
+    .then((blob) => {
+      if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+      img.src = URL.createObjectURL(blob);
+    })
+    .catch(() => img.classList.add("broken"));
 }
 
 /** Read the counts out of /v1/info, whichever of the documented shapes the server uses. */

@@ -145,7 +145,12 @@ function wireResults() {
 
 function wireView() {
   const dialog = $("detail");
-  dialog.addEventListener("close", c.closeView);
+  dialog.addEventListener("close", () => {
+    // Back to the card of the result last shown (←/→ may have moved past the one that opened it).
+    const card = document.querySelector(`#results .card[data-index="${dialog.dataset.index}"]`);
+    if (card) card.focus();
+    c.closeView();
+  });
   dialog.addEventListener("keydown", (e) => {
     if (e.key === "ArrowLeft") c.stepView(-1);
     if (e.key === "ArrowRight") c.stepView(1);

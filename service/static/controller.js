@@ -112,6 +112,7 @@ async function loadPage() {
       page.loading = false;
       document.body.classList.remove("busy");
       $("more").hidden = !page.hasMore;
+      if (page.hasMore) fillViewport();
     }
   }
 }
@@ -137,10 +138,25 @@ function showPage(response, state) {
   const took = `${Number(response.took_ms).toFixed(1)} ms`;
   render.status(`${n} ${noun}${n === 1 ? "" : "s"}${page.hasMore ? "+" : ""} · ${took}`, `bundle ${response.bundle}`);
   if (state.view) syncView(state);
-  fillViewport();
+}
+
+function askForKey(e) {
+  const text = api.apiKey() ? `The API key was refused: ${e.message}.` : "This server needs an API key.";
+  render.message(text, "warn", {
+    form: render.keyForm((key) => {
+      api.setApiKey(key);
+      render.message("");
+      loadInfo();
+      if (urlState.hasQuery(page.state)) runQuery();
+    }),
+  });
 }
 
 function showError(e, state) {
+  if (e instanceof api.ApiError && e.needsKey) {
+    askForKey(e);
+    return;
+  }
   if (e instanceof api.ApiError && e.notReady) {
     notReady(e.message);
     return;
@@ -172,7 +188,7 @@ function fillViewport() {
   // A tall screen may show the whole first page with the sentinel already visible: keep loading.
   requestAnimationFrame(() => {
     const box = $("sentinel").getBoundingClientRect();
-    if (box.top < innerHeight + 200) loadMore();
+    if (box.top < innerHeight + 400) loadMore(); // the observer's rootMargin
   });
 }
 
@@ -191,7 +207,10 @@ async function loadInfo() {
     page.ready = true;
   } catch (e) {
     if (e instanceof api.ApiError && e.status === 503) notReady(e.message);
-    else render.info("server unavailable");
+    else if (e instanceof api.ApiError && e.needsKey) {
+      render.info("API key needed");
+      if (!urlState.hasQuery(page.state)) askForKey(e);
+    } else render.info("server unavailable");
   }
 }
 

@@ -1,6 +1,8 @@
-// DOM output: result cards, the large view, messages and the status line. No network calls here.
+// DOM output: result cards, the large view, messages and the status line.
+import { showImage } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
+const PLACEHOLDER = "Describe what you are looking for…";
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -29,9 +31,12 @@ export function card(result, index, topScore) {
   const share = topScore > 0 ? Math.max(0.04, Math.min(1, result.score / topScore)) : 0.04;
   const meter = el("span", { class: "meter", "aria-hidden": "true" }, el("span", { style: `width:${share * 100}%` }));
   const score = el("span", { class: "score", title: "cosine similarity" }, formatScore(result.score));
-  const body = isImage
-    ? el("span", { class: "thumb" }, el("img", { src: result.image_url, alt: text, loading: "lazy", decoding: "async" }))
-    : el("span", { class: "quote" }, text);
+  let body = el("span", { class: "quote" }, text);
+  if (isImage) {
+    const img = el("img", { alt: text, loading: "lazy", decoding: "async" });
+    showImage(img, result.image_url);
+    body = el("span", { class: "thumb" }, img);
+  }
   return el(
     "button",
     {
@@ -64,7 +69,8 @@ export function message(text, kind = "error", action = null) {
   box.className = `message ${kind}`;
   box.dataset.kind = kind;
   box.append(el("span", {}, text));
-  if (action) {
+  if (action?.form) box.append(action.form);
+  else if (action) {
     const btn = el("button", { type: "button", class: "ghost" }, action.label);
     btn.addEventListener("click", action.run);
     box.append(btn);
@@ -87,7 +93,7 @@ export function detail(result, { hasPrev, hasNext }) {
   const img = $("detail-img");
   img.hidden = !isImage;
   if (isImage) {
-    img.src = result.image_url || `/v1/items/${result.id}/image`;
+    showImage(img, result.image_url || `/v1/items/${result.id}/image`);
     img.alt = label(result);
   } else {
     img.removeAttribute("src");
@@ -110,4 +116,17 @@ export function queryImage(file) {
   box.hidden = !file;
   if (file) thumb.src = URL.createObjectURL(file);
   else thumb.removeAttribute("src");
+  $("q").placeholder = file ? "Searching with this image; type to search by text instead" : PLACEHOLDER;
+}
+
+/** A small form asking for the server's API key; `onKey(key)` runs when it is submitted. */
+export function keyForm(onKey) {
+  const input = el("input", { type: "password", id: "api-key", autocomplete: "off", "aria-label": "API key", placeholder: "API key" });
+  const form = el("form", { class: "key-form" }, input, el("button", { type: "submit", class: "ghost" }, "Use key"));
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    if (input.value.trim()) onKey(input.value.trim());
+  });
+  queueMicrotask(() => input.focus());
+  return form;
 }
