@@ -49,3 +49,12 @@ def search_spec(params: SearchParams, settings: ServiceSettings) -> SearchSpec:
     if params.offset > settings.max_offset:
         raise ApiError(422, "invalid_request", f"offset must be between 0 and {settings.max_offset}")
     return SearchSpec(target=params.target, k=params.k, offset=params.offset, min_score=params.min_score)
+
+
+def require_json(request: Request) -> None:
+    """Dependency of JSON routes: a body sent as anything but JSON is 415, not a confusing 422."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(
+            415, "unsupported_media_type", f"send the body as application/json (got {ctype or 'none'})"
+        )

@@ -56,7 +56,9 @@ def error_response(
 
 def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
     """(code, one-line message) for the first pydantic/FastAPI validation error."""
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form")]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]  # where in the request, not which field
     where = ".".join(loc) or "body"
     if err.get("type") == "json_invalid":
         detail = err.get("ctx", {}).get("error", "")

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from service.auth import require_api_key
-from service.deps import ServiceDep, mark_bundle
+from service.deps import ServiceDep, mark_bundle, require_json
 from service.errors import ApiError
 from service.routes.images_form import MULTIPART_DOC, run_image
 from service.schemas import EmbedResponse, EmbedTextRequest
@@ -27,7 +27,7 @@ def _response(request: Request, result: JobResult, start: float) -> EmbedRespons
     )
 
 
-@router.post("/text")
+@router.post("/text", dependencies=[Depends(require_json)])
 async def embed_text(body: EmbedTextRequest, request: Request, service: ServiceDep) -> EmbedResponse:
     """Embed up to `max_embed_texts` texts; empty texts and texts over the length limit are refused."""
     start = time.perf_counter()

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from service.auth import require_api_key
-from service.deps import ServiceDep, mark_bundle, search_spec
+from service.deps import ServiceDep, mark_bundle, require_json, search_spec
 from service.errors import ApiError
 from service.routes.images_form import MULTIPART_DOC, run_image
 from service.schemas import SearchResponse, TextSearchRequest
@@ -24,7 +24,7 @@ def _response(request: Request, result: JobResult, start: float) -> SearchRespon
 
 # These handlers are `async def` on purpose: they only await the batcher, whose model thread does the
 # encoding, so nothing here blocks the event loop.
-@router.post("/text")
+@router.post("/text", dependencies=[Depends(require_json)])
 async def search_text(body: TextSearchRequest, request: Request, service: ServiceDep) -> SearchResponse:
     """Text→image (`target` images) or text→text (`target` texts) search."""
     start = time.perf_counter()

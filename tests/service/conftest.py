@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import socket
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from indexer.bundle import BundleContents, IndexSpec, Item, ModelRef, publish
@@ -120,3 +126,30 @@ def client(bundles_dir: Path) -> Iterator[TestClient]:
     """A running app over the session bundle (admin key set, no API key, no polling)."""
     with TestClient(create_app(settings_for(bundles_dir)), raise_server_exceptions=False) as c:
         yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Run `app` under a real uvicorn on a free loopback port in a thread; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
