@@ -143,7 +143,8 @@ class ModelInfo:
 class Encoder:
     """A loaded dual encoder in eval mode that returns L2-normalised float32 vectors.
 
-    Mixed precision (fp16 autocast) is used on CUDA; on CPU everything stays fp32.
+    Mixed precision (autocast to `amp_dtype`, fp16 by default) is used on CUDA; on CPU everything
+    stays fp32.
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.device = device
         self.info = info
+        self.amp_dtype: torch.dtype | None = torch.float16
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto") -> Encoder:
@@ -184,8 +186,8 @@ class Encoder:
         return cls(model, preprocess, tokenizer, dev, info)
 
     def autocast(self) -> AbstractContextManager[Any]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
+        if self.device.type == "cuda" and self.amp_dtype is not None:
+            return torch.autocast("cuda", dtype=self.amp_dtype)
         return nullcontext()
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -208,14 +210,57 @@ class Encoder:
         return self.encode_pixels(self.preprocess_images(images))
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> (n, dim) float32, L2-normalised."""
+    def encode_texts(self, texts: Sequence[str], trim: bool = False) -> np.ndarray:
+        """Texts -> (n, dim) float32, L2-normalised.
+
+        With `trim`, a causal text tower that pools at the end-of-text token runs only as many
+        positions as the batch's longest text instead of the full context (77 for CLIP): the pooled
+        token never attends to the padding after it, so the result is the same.
+        """
         if len(texts) == 0:
             return np.zeros((0, self.info.embed_dim), dtype=np.float32)
-        tokens = self.tokenizer(list(texts)).to(self.device)
+        tokens = self.tokenizer(list(texts))
+        pin = self.device.type == "cuda"
+        tokens = (tokens.pin_memory() if pin else tokens).to(self.device, non_blocking=pin)
         with self.autocast():
-            feats = self.model.encode_text(tokens, normalize=True)
+            if trim and self.can_trim_texts:
+                feats = self._encode_text_trimmed(tokens)
+            else:
+                feats = self.model.encode_text(tokens, normalize=True)
         return _to_numpy(feats)
+
+    @property
+    def can_trim_texts(self) -> bool:
+        """True when the text tower is open_clip's causal transformer pooled at the EOT/EOS token."""
+        m = self.model
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_pool_type")
+        if not all(hasattr(m, a) for a in needed) or getattr(m, "attn_mask", None) is None:
+            return False
+        return m.text_pool_type in ("argmax", "eos") and getattr(m, "text_cls_emb", None) is None
+
+    def _encode_text_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Mirrors open_clip.model.CLIP.encode_text, with the sequence cut after the last pooled token.
+        m = self.model
+        eos_id = getattr(m, "text_eos_id", None)
+        if m.text_pool_type == "argmax":
+            ends = tokens.argmax(dim=-1)
+        else:
+            ends = tokens.eq(torch.tensor(eos_id, device=tokens.device)).int().argmax(dim=-1)
+        length = int(ends.max().item()) + 1
+        tokens = tokens[:, :length]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype)  # [batch_size, length, width]
+        x = x + m.positional_embedding[:length].to(cast_dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)
+        x = open_clip.transformer.text_global_pool(x, tokens, m.text_pool_type, eos_token_id=eos_id)
+        if m.text_projection is not None:
+            x = (
+                m.text_projection(x)
+                if isinstance(m.text_projection, torch.nn.Linear)
+                else x @ m.text_projection
+            )
+        return cast(torch.Tensor, x)
 
 
 def _to_numpy(feats: torch.Tensor) -> np.ndarray:

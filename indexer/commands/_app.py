@@ -19,6 +19,13 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _main() -> None:
+    """Train a CLIP-style dual encoder, index images and texts with FAISS, and serve search over HTTP."""
+    # An explicit group callback keeps `clipsearch SUBCOMMAND` a group even while only one
+    # subcommand is registered (Typer would otherwise make that command the whole app).
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn errors a user can fix into `error: ...` on stderr and exit status 1 (no traceback)."""

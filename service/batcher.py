@@ -1,0 +1,119 @@
+"""Micro-batching: concurrent queries wait in a bounded queue and are encoded together in one forward pass.
+
+The worker never waits for company when the server is idle (a lone query starts at once); only while
+batches of more than one are forming does it wait up to `max_wait_ms` to fill the next one. A full
+queue answers 503 with `Retry-After` at once instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+from service.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.0005
+
+JobT = TypeVar("JobT")
+ResultT = TypeVar("ResultT")
+
+
+class MicroBatcher(Generic[JobT, ResultT]):
+    """Collects jobs from many requests and runs `process` on them as one batch in `executor`."""
+
+    def __init__(
+        self,
+        name: str,
+        process: Callable[[Sequence[JobT]], Sequence[ResultT | BaseException]],
+        executor: Executor,
+        *,
+        max_size: int,
+        max_wait_ms: float,
+        queue_size: int,
+        retry_after_s: int = 1,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._process = process
+        self._executor = executor
+        self.max_size = max_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.retry_after_s = retry_after_s
+        self._queue: asyncio.Queue[tuple[JobT, asyncio.Future[ResultT]]] = asyncio.Queue(queue_size)
+        self._on_batch = on_batch
+        self._task: asyncio.Task[None] | None = None
+        self._last_size = 0
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(ApiError(503, "shutting_down", "the server is shutting down"))
+
+    async def submit(self, job: JobT) -> ResultT:
+        """Queue one job and wait for its result; 503 `overloaded` at once when the queue is full."""
+        fut: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((job, fut))
+        except asyncio.QueueFull:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"the {self.name} queue is full; retry shortly",
+                {"Retry-After": str(self.retry_after_s)},
+            ) from None
+        return await fut
+
+    async def _collect(self) -> list[tuple[JobT, asyncio.Future[ResultT]]]:
+        batch = [await self._queue.get()]
+        self._drain(batch)
+        if self._last_size > 1 and self.max_wait_s > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.max_wait_s
+            # Short sleeps rather than wait_for(queue.get()): on 3.11 a timed-out get can lose an item.
+            while len(batch) < self.max_size and (left := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(left, _POLL_S))
+                self._drain(batch)
+        return batch
+
+    def _drain(self, batch: list[tuple[JobT, asyncio.Future[ResultT]]]) -> None:
+        while len(batch) < self.max_size and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [(job, fut) for job, fut in await self._collect() if not fut.done()]  # drop abandoned
+            self._last_size = len(batch)
+            if not batch:
+                continue
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self._process, [j for j, _ in batch])
+            except Exception as e:  # the whole batch failed: every waiter gets the error
+                results = [e] * len(batch)
+            for (_, fut), result in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)

@@ -1,0 +1,310 @@
+"""Python clients for the clipsearch HTTP API: `Client` (blocking) and `AsyncClient`, both on httpx.
+
+    with Client("http://127.0.0.1:8000") as cs:
+        for hit in cs.search_text("a red bicycle", k=5).results:
+            print(hit.score, hit.path)
+
+Errors come back as `ApiClientError` with the server's `status`, `code` and `message`. Importing this
+module needs only httpx and pydantic (no torch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from service.schemas import (
+    EmbedResponse,
+    HealthResponse,
+    InfoResponse,
+    ItemResponse,
+    ReloadResponse,
+    SearchResponse,
+    Target,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+ImageInput = bytes | str | os.PathLike[str] | IO[bytes]
+
+
+class ApiClientError(Exception):
+    """An error answer of the service (or a response that is not the API's)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        err = response.json()["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", response.text[:200]
+    retry = response.headers.get("retry-after")
+    raise ApiClientError(response.status_code, code, message, float(retry) if retry else None)
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One API call, described once and sent by either client."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    admin: bool = False
+
+
+def _model(cls: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda r: cls.model_validate_json(r.content)
+
+
+def _image_file(image: ImageInput, filename: str | None) -> tuple[str, bytes]:
+    if isinstance(image, bytes):
+        return filename or "image", image
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        return filename or path.name, path.read_bytes()
+    return filename or Path(str(getattr(image, "name", "image"))).name, image.read()
+
+
+def _search_form(k: int, target: Target, min_score: float | None, offset: int) -> dict[str, str]:
+    form = {"k": str(k), "target": target, "offset": str(offset)}
+    if min_score is not None:
+        form["min_score"] = repr(float(min_score))
+    return form
+
+
+class _Calls:
+    """The API, endpoint by endpoint (DESIGN.md)."""
+
+    @staticmethod
+    def healthz() -> _Call[HealthResponse]:
+        return _Call("GET", "/healthz", _model(HealthResponse))
+
+    @staticmethod
+    def readyz() -> _Call[HealthResponse]:
+        return _Call("GET", "/readyz", _model(HealthResponse))
+
+    @staticmethod
+    def info() -> _Call[InfoResponse]:
+        return _Call("GET", "/v1/info", _model(InfoResponse))
+
+    @staticmethod
+    def metrics() -> _Call[str]:
+        return _Call("GET", "/metrics", lambda r: r.text)
+
+    @staticmethod
+    def search_text(
+        query: str, k: int, target: Target, min_score: float | None, offset: int
+    ) -> _Call[SearchResponse]:
+        body = {"query": query, "k": k, "target": target, "min_score": min_score, "offset": offset}
+        return _Call("POST", "/v1/search/text", _model(SearchResponse), {"json": body})
+
+    @staticmethod
+    def search_image(
+        image: ImageInput, k: int, target: Target, min_score: float | None, offset: int, filename: str | None
+    ) -> _Call[SearchResponse]:
+        files = {"file": _image_file(image, filename)}
+        data = _search_form(k, target, min_score, offset)
+        return _Call("POST", "/v1/search/image", _model(SearchResponse), {"files": files, "data": data})
+
+    @staticmethod
+    def embed_texts(texts: Sequence[str]) -> _Call[EmbedResponse]:
+        return _Call("POST", "/v1/embed/text", _model(EmbedResponse), {"json": {"texts": list(texts)}})
+
+    @staticmethod
+    def embed_image(image: ImageInput, filename: str | None) -> _Call[EmbedResponse]:
+        files = {"file": _image_file(image, filename)}
+        return _Call("POST", "/v1/embed/image", _model(EmbedResponse), {"files": files})
+
+    @staticmethod
+    def item(item_id: int) -> _Call[ItemResponse]:
+        return _Call("GET", f"/v1/items/{int(item_id)}", _model(ItemResponse))
+
+    @staticmethod
+    def item_image(item_id: int) -> _Call[bytes]:
+        return _Call("GET", f"/v1/items/{int(item_id)}/image", lambda r: r.content)
+
+    @staticmethod
+    def reload() -> _Call[ReloadResponse]:
+        return _Call("POST", "/v1/admin/reload", _model(ReloadResponse), admin=True)
+
+
+class _Base:
+    def __init__(self, api_key: str | None, admin_key: str | None) -> None:
+        self.api_key = api_key
+        self.admin_key = admin_key
+
+    def _headers(self, call: _Call[Any]) -> dict[str, str]:
+        key = self.admin_key if call.admin else self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class Client(_Base):
+    """Blocking client. `api_key` is sent on query routes, `admin_key` on admin routes."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        timeout: float = 30.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(api_key, admin_key)
+        self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
+
+    def _do(self, call: _Call[T]) -> T:
+        response = self.http.request(call.method, call.path, headers=self._headers(call), **call.kwargs)
+        _raise_for_error(response)
+        return call.parse(response)
+
+    def healthz(self) -> HealthResponse:
+        return self._do(_Calls.healthz())
+
+    def readyz(self) -> HealthResponse:
+        return self._do(_Calls.readyz())
+
+    def info(self) -> InfoResponse:
+        return self._do(_Calls.info())
+
+    def metrics(self) -> str:
+        return self._do(_Calls.metrics())
+
+    def search_text(
+        self,
+        query: str,
+        k: int = 10,
+        target: Target = "images",
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> SearchResponse:
+        return self._do(_Calls.search_text(query, k, target, min_score, offset))
+
+    def search_image(
+        self,
+        image: ImageInput,
+        k: int = 10,
+        target: Target = "images",
+        min_score: float | None = None,
+        offset: int = 0,
+        filename: str | None = None,
+    ) -> SearchResponse:
+        return self._do(_Calls.search_image(image, k, target, min_score, offset, filename))
+
+    def embed_texts(self, texts: Sequence[str]) -> EmbedResponse:
+        return self._do(_Calls.embed_texts(texts))
+
+    def embed_image(self, image: ImageInput, filename: str | None = None) -> EmbedResponse:
+        return self._do(_Calls.embed_image(image, filename))
+
+    def item(self, item_id: int) -> ItemResponse:
+        return self._do(_Calls.item(item_id))
+
+    def item_image(self, item_id: int) -> bytes:
+        return self._do(_Calls.item_image(item_id))
+
+    def reload(self) -> ReloadResponse:
+        return self._do(_Calls.reload())
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """The same API for asyncio code."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        timeout: float = 30.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(api_key, admin_key)
+        self.http = http or httpx.AsyncClient(base_url=base_url, timeout=timeout)
+
+    async def _do(self, call: _Call[T]) -> T:
+        response = await self.http.request(call.method, call.path, headers=self._headers(call), **call.kwargs)
+        _raise_for_error(response)
+        return call.parse(response)
+
+    async def healthz(self) -> HealthResponse:
+        return await self._do(_Calls.healthz())
+
+    async def readyz(self) -> HealthResponse:
+        return await self._do(_Calls.readyz())
+
+    async def info(self) -> InfoResponse:
+        return await self._do(_Calls.info())
+
+    async def metrics(self) -> str:
+        return await self._do(_Calls.metrics())
+
+    async def search_text(
+        self,
+        query: str,
+        k: int = 10,
+        target: Target = "images",
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> SearchResponse:
+        return await self._do(_Calls.search_text(query, k, target, min_score, offset))
+
+    async def search_image(
+        self,
+        image: ImageInput,
+        k: int = 10,
+        target: Target = "images",
+        min_score: float | None = None,
+        offset: int = 0,
+        filename: str | None = None,
+    ) -> SearchResponse:
+        return await self._do(_Calls.search_image(image, k, target, min_score, offset, filename))
+
+    async def embed_texts(self, texts: Sequence[str]) -> EmbedResponse:
+        return await self._do(_Calls.embed_texts(texts))
+
+    async def embed_image(self, image: ImageInput, filename: str | None = None) -> EmbedResponse:
+        return await self._do(_Calls.embed_image(image, filename))
+
+    async def item(self, item_id: int) -> ItemResponse:
+        return await self._do(_Calls.item(item_id))
+
+    async def item_image(self, item_id: int) -> bytes:
+        return await self._do(_Calls.item_image(item_id))
+
+    async def reload(self) -> ReloadResponse:
+        return await self._do(_Calls.reload())
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,75 @@
+"""Turning a multipart image upload into a queued `ImageJob` (shared by search and embed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service.deps import Service, search_spec
+from service.errors import ApiError, not_ready
+from service.schemas import SearchParams
+from service.search import ImageJob, JobResult, SearchSpec
+from service.uploads import decode_upload, form_value, read_form
+
+MULTIPART_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "The image."},
+                        "k": {"type": "integer", "default": 10, "minimum": 1},
+                        "target": {"type": "string", "enum": ["images", "texts"], "default": "images"},
+                        "min_score": {"type": "number", "nullable": True},
+                        "offset": {"type": "integer", "default": 0, "minimum": 0},
+                    },
+                }
+            }
+        },
+    }
+}
+
+_PARAMS = ("k", "target", "min_score", "offset")
+
+
+def parse_params(raw: dict[str, str]) -> SearchParams:
+    try:
+        return SearchParams.model_validate({k: v for k, v in raw.items() if v != "" or k != "min_score"})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "form"
+        raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from e
+
+
+async def run_image(request: Request, service: Service, search: bool) -> JobResult:
+    """Read, decode and preprocess (in a thread) and queue the uploaded image."""
+    snap = service.state.current
+    if snap is None:
+        raise not_ready(service.state.last_error or "no bundle loaded", service.settings.retry_after_s)
+    encoder = snap.encoder
+    form = await read_form(request)
+    try:
+        extra = [k for k in form if k not in ("file", *_PARAMS)]
+        if extra:
+            raise ApiError(422, "invalid_request", f"unknown form field(s): {', '.join(sorted(extra))}")
+        spec: SearchSpec | None = None
+        if search:
+            raw = {k: v for k in _PARAMS if (v := form_value(form, k)) is not None}
+            spec = search_spec(parse_params(raw), service.settings)
+        upload = form.getlist("file")[0]
+        assert isinstance(upload, UploadFile)
+        # Preprocessing here runs in parallel across requests; the batch only stacks and encodes.
+        decoded = await decode_upload(
+            upload, service.decode_options, lambda img: encoder.preprocess_images([img])[0]
+        )
+    finally:
+        await form.close()
+    service.metrics.stage.labels("decode", "image").observe(decoded.decode_s)
+    job = ImageJob(image=decoded.image, pixels=decoded.prepared, encoder_id=id(encoder), search=spec)
+    return await service.images.submit(job)

@@ -1,0 +1,74 @@
+"""`GET /v1/items/{id}` and `GET /v1/items/{id}/image`: by id from the bundle's records, never by a path."""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse
+
+from indexer.bundle import Item
+from service.auth import require_api_key
+from service.deps import ServiceDep, mark_bundle
+from service.errors import ApiError
+from service.schemas import ItemResponse
+from service.search import image_url
+from service.state import Snapshot
+
+router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(require_api_key)])
+
+_MAX_ID = 2**63 - 1
+
+
+def _item(snap: Snapshot, item_id: int) -> Item:
+    item = snap.bundle.items.get(item_id) if 0 <= item_id <= _MAX_ID else None
+    if item is None:
+        raise ApiError(404, "item_not_found", f"no item {item_id} in bundle {snap.version}")
+    return item
+
+
+@router.get("/{item_id}")
+def get_item(item_id: int, request: Request, service: ServiceDep) -> ItemResponse:
+    """The metadata of one image or text."""
+    with service.state.lease() as snap:
+        mark_bundle(request, snap.version)
+        item = _item(snap, item_id)
+        return ItemResponse(
+            bundle=snap.version,
+            id=item.id,
+            kind=item.kind,
+            path=item.path,
+            text=item.text,
+            size=item.size,
+            mtime=item.mtime,
+            sha256=item.sha256,
+            width=item.width,
+            height=item.height,
+            image_url=image_url(item.id) if item.kind == "image" else None,
+        )
+
+
+def _safe_file(snap: Snapshot, item: Item) -> Path:
+    """The item's file, resolved; refused when it (or a symlink on the way) leads outside the collection."""
+    if item.kind != "image" or not item.path:
+        raise ApiError(404, "not_an_image", f"item {item.id} is a {item.kind}, it has no image")
+    root = snap.collection_root
+    resolved = Path(item.path).resolve()
+    if root is None or not resolved.is_relative_to(root):
+        raise ApiError(403, "outside_collection", f"the file of item {item.id} lies outside the collection")
+    if not resolved.is_file():
+        raise ApiError(404, "image_missing", f"the file of item {item.id} is no longer on disk")
+    return resolved
+
+
+@router.get("/{item_id}/image", response_class=FileResponse)
+async def get_item_image(item_id: int, request: Request, service: ServiceDep) -> FileResponse:
+    """The stored image file of an image item."""
+    with service.state.lease() as snap:
+        mark_bundle(request, snap.version)
+        item = await anyio.to_thread.run_sync(_item, snap, item_id)
+        path = await anyio.to_thread.run_sync(_safe_file, snap, item)
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})

@@ -1,0 +1,121 @@
+"""Request and response bodies of the HTTP API (DESIGN.md), with their bounds written once, here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Target = Literal["images", "texts"]
+
+
+class SearchParams(BaseModel):
+    """Options every search takes. `k` and `offset` are also bounded by the server's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, description="How many results (at most the server's max_k).")
+    target: Target = Field("images", description="Search the images or the texts of the bundle.")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results scoring below this.")
+    offset: int = Field(0, ge=0, description="Skip this many of the best results (paging).")
+
+
+class TextSearchRequest(SearchParams):
+    """`POST /v1/search/text`: text→image (`target` images) or text→text (`target` texts)."""
+
+    query: str = Field(description="The text to search with.", examples=["a red square"])
+
+
+class EmbedTextRequest(BaseModel):
+    """`POST /v1/embed/text`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(min_length=1, description="Texts to embed (at most max_embed_texts).")
+
+
+class SearchHit(BaseModel):
+    """One result. Images carry `caption` (their first caption, if any) and `image_url`; texts `text`."""
+
+    id: int
+    score: float = Field(description="Cosine similarity to the query, in [-1, 1].")
+    kind: Literal["image", "text"]
+    caption: str | None = None
+    text: str | None = None
+    path: str | None = None
+    image_url: str | None = None
+
+
+class SearchResponse(BaseModel):
+    bundle: str = Field(description="Version of the bundle that answered.")
+    took_ms: float
+    results: list[SearchHit]
+
+
+class EmbedResponse(BaseModel):
+    bundle: str
+    took_ms: float
+    model: str
+    dim: int
+    embeddings: list[list[float]] = Field(description="(n, dim) L2-normalised vectors, one per input.")
+
+
+class ItemResponse(BaseModel):
+    """`GET /v1/items/{id}`: one row of the bundle's items."""
+
+    bundle: str
+    id: int
+    kind: Literal["image", "text"]
+    path: str | None = None
+    text: str | None = None
+    size: int | None = None
+    mtime: float | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    image_url: str | None = None
+
+
+class ModelInfoResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    embed_dim: int
+    image_size: int
+    context_length: int
+    fingerprint: str
+
+
+class IndexInfo(BaseModel):
+    count: int
+    factory: str
+    metric: str
+    recall_at_10: float | None = None
+
+
+class InfoResponse(BaseModel):
+    """`GET /v1/info`."""
+
+    bundle: str
+    created_at: str
+    model: ModelInfoResponse
+    images: IndexInfo
+    texts: IndexInfo
+    device: str
+    max_k: int
+    max_query_chars: int
+    max_body_bytes: int
+    loaded_at: float
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "ready"]
+    bundle: str | None = None
+
+
+class ReloadResponse(BaseModel):
+    """`POST /v1/admin/reload`: `changed` is true when a new bundle is now served."""
+
+    bundle: str | None
+    changed: bool
+    error: str | None = None

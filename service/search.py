@@ -1,0 +1,155 @@
+"""Batch work of the service: encode a batch of queries in one forward pass, search FAISS once per target.
+
+These functions run in the model thread (see `service.batcher`); each takes one snapshot for the whole
+batch, so every result of the batch names the same bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from indexer.bundle import Item
+from service.metrics import Metrics
+from service.schemas import SearchHit, Target
+from service.state import ServiceState, Snapshot
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What to do with a query's embedding: the `k` best of `target` after `offset`, above `min_score`."""
+
+    target: Target
+    k: int
+    offset: int = 0
+    min_score: float | None = None
+
+    @property
+    def fetch(self) -> int:
+        return self.k + self.offset
+
+
+@dataclass(frozen=True)
+class TextJob:
+    texts: Sequence[str]
+    search: SearchSpec | None = None
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """A decoded image; `pixels` is its preprocessed tensor when made by the encoder `encoder_id`."""
+
+    image: Image.Image
+    pixels: torch.Tensor | None = None
+    encoder_id: int = 0
+    search: SearchSpec | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    bundle: str
+    model: str
+    embeddings: np.ndarray  # (n, dim) float32, L2-normalised
+    hits: list[SearchHit] | None = None
+
+
+def image_url(item_id: int) -> str:
+    return f"/v1/items/{item_id}/image"
+
+
+def to_hit(item: Item, score: float) -> SearchHit:
+    if item.kind == "image":
+        return SearchHit(
+            id=item.id,
+            score=score,
+            kind="image",
+            caption=item.text,
+            path=item.path,
+            image_url=image_url(item.id),
+        )
+    return SearchHit(id=item.id, score=score, kind="text", text=item.text, path=item.path)
+
+
+def _search(
+    snap: Snapshot, emb: np.ndarray, specs: Sequence[SearchSpec | None]
+) -> list[list[SearchHit] | None]:
+    """Search each target once for all the queries that asked for it; -1 ids (k beyond the index) dropped."""
+    found: list[list[tuple[int, float]] | None] = [None] * len(specs)
+    for target in ("images", "texts"):
+        rows = [i for i, s in enumerate(specs) if s is not None and s.target == target]
+        index = snap.bundle.image_index if target == "images" else snap.bundle.text_index
+        if not rows:
+            continue
+        fetch = min(max(s.fetch for s in specs if s is not None and s.target == target), index.ntotal)
+        if fetch == 0:
+            scores, ids = np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
+        else:
+            scores, ids = index.search(np.ascontiguousarray(emb[rows]), fetch)
+        for row, i in enumerate(rows):
+            spec = specs[i]
+            assert spec is not None
+            pairs = [
+                (int(x), float(s))
+                for x, s in zip(ids[row, : spec.fetch], scores[row, : spec.fetch], strict=True)
+            ]
+            pairs = [p for p in pairs if p[0] >= 0 and (spec.min_score is None or p[1] >= spec.min_score)]
+            found[i] = pairs[spec.offset : spec.offset + spec.k]
+    wanted = {item_id for pairs in found if pairs for item_id, _ in pairs}
+    items = snap.bundle.items.get_many(sorted(wanted))
+    return [
+        None if pairs is None else [to_hit(items[x], s) for x, s in pairs if x in items] for pairs in found
+    ]
+
+
+class BatchRunner:
+    """The batch functions the text and image batchers call, bound to the service state and metrics."""
+
+    def __init__(self, state: ServiceState, metrics: Metrics) -> None:
+        self.state = state
+        self.metrics = metrics
+
+    def run_texts(self, jobs: Sequence[TextJob]) -> list[JobResult]:
+        with self.state.lease() as snap:
+            texts = [t for job in jobs for t in job.texts]
+            with self.metrics.time_stage("encode", "text"):
+                emb = snap.encoder.encode_texts(texts, trim=True)
+            return self._finish(snap, emb, [len(j.texts) for j in jobs], [j.search for j in jobs], "text")
+
+    def run_images(self, jobs: Sequence[ImageJob]) -> list[JobResult]:
+        with self.state.lease() as snap:
+            encoder = snap.encoder
+            pixels = [
+                job.pixels if job.pixels is not None and job.encoder_id == id(encoder) else None
+                for job in jobs
+            ]
+            # A reload may have brought a model with other preprocessing since the request decoded.
+            stale = [i for i, p in enumerate(pixels) if p is None]
+            if stale:
+                redo = encoder.preprocess_images([jobs[i].image for i in stale])
+                for n, i in enumerate(stale):
+                    pixels[i] = redo[n]
+            with self.metrics.time_stage("encode", "image"):
+                emb = encoder.encode_pixels(torch.stack([p for p in pixels if p is not None]))
+            return self._finish(snap, emb, [1] * len(jobs), [j.search for j in jobs], "image")
+
+    def _finish(
+        self,
+        snap: Snapshot,
+        emb: np.ndarray,
+        counts: Sequence[int],
+        specs: Sequence[SearchSpec | None],
+        kind: str,
+    ) -> list[JobResult]:
+        # Only single-query jobs search; embedding jobs (several texts) have no spec.
+        starts = np.cumsum([0, *counts])
+        firsts = emb[starts[:-1]] if len(counts) else emb
+        with self.metrics.time_stage("search", kind):
+            hits = _search(snap, firsts, specs)
+        name = snap.bundle.manifest.model.name
+        return [
+            JobResult(snap.version, name, emb[starts[i] : starts[i + 1]], hits[i]) for i in range(len(counts))
+        ]
