@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import uvicorn
 
-from tests.web.bundles import build_bundle
+from tests.service.conftest import build_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -62,7 +62,7 @@ class LiveServer:
 def web_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, colour_csv: Path) -> Path:
     """A bundles dir holding one bundle of the 8 colour squares (ids 0-7) and their captions (8-15)."""
     out = tmp_path_factory.mktemp("web-bundles")
-    build_bundle(colour_csv, tiny_model_dir, out)
+    build_bundle(out, tiny_model_dir, colour_csv)
     return out
 
 

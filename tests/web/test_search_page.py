@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import expect
 
-from tests.web.bundles import build_bundle
+from tests.service.conftest import build_bundle
 from tests.web.conftest import LiveServer, Visit
 
 pytestmark = pytest.mark.browser
@@ -221,7 +221,7 @@ def test_not_ready_is_shown_and_the_page_recovers(
         page.goto("/?q=orange")
         expect(page.locator("#message")).to_contain_text("not ready")
         expect(page.locator("#info")).to_have_text("not ready")
-        build_bundle(colour_csv, tiny_model_dir, bundles)  # the server picks it up; the page polls
+        build_bundle(bundles, tiny_model_dir, colour_csv)  # the server picks it up; the page polls
         expect(page.locator("#results .card img")).to_have_count(8, timeout=30_000)
         expect(page.locator("#message")).to_be_hidden()
         expect(page.locator("#info")).to_contain_text("8 images")
