@@ -12,6 +12,7 @@ const page = {
   results: [], // every result loaded for the current query, in order
   response: null, // the last response (bundle, took_ms)
   hasMore: false,
+  scale: { top: 1, low: 0 }, // score range of the first page, for the score meters
   loading: false,
   controller: null, // AbortController of the request in flight
   generation: 0, // bumps on every new query, so late answers to old ones are dropped
@@ -120,11 +121,13 @@ async function loadPage() {
 function showPage(response, state) {
   const offset = page.results.length;
   const results = response.results || [];
-  const topScore = offset ? page.results[0].score : results[0]?.score;
+  if (offset === 0 && results.length) {
+    page.scale = { top: results[0].score, low: results[results.length - 1].score };
+  }
   page.results.push(...results);
   page.response = response;
   page.hasMore = results.length === state.k;
-  render.appendResults(results, offset, topScore);
+  render.appendResults(results, offset, page.scale);
   $("download").disabled = page.results.length === 0;
   if (response.bundle && page.bundle && response.bundle !== page.bundle) loadInfo();
   render.message("");
@@ -136,7 +139,7 @@ function showPage(response, state) {
   const noun = state.target === "images" ? "image" : "caption";
   const n = page.results.length;
   const took = `${Number(response.took_ms).toFixed(1)} ms`;
-  render.status(`${n} ${noun}${n === 1 ? "" : "s"}${page.hasMore ? "+" : ""} · ${took}`, `bundle ${response.bundle}`);
+  render.status(`${n}${page.hasMore ? "+" : ""} ${noun}${n === 1 ? "" : "s"} · ${took}`, `bundle ${response.bundle}`);
   if (state.view) syncView(state);
 }
 

@@ -24,11 +24,19 @@ export function formatScore(score) {
   return Number(score).toFixed(3);
 }
 
+/** Where a score sits between the first page's lowest (`low`) and highest (`top`) score, in [0.04, 1]:
+ * raw cosines of a query cluster tightly (often 0.2-0.3), so the meter shows the spread that matters. */
+function meterShare(score, { top, low }) {
+  const span = top - low;
+  const share = span > 1e-6 ? 0.15 + (0.85 * (score - low)) / span : 1;
+  return Math.max(0.04, Math.min(1, share));
+}
+
 /** One result as a focusable card; `index` is its position in the result list. */
-export function card(result, index, topScore) {
+export function card(result, index, scale) {
   const text = label(result);
   const isImage = result.kind === "image" && result.image_url;
-  const share = topScore > 0 ? Math.max(0.04, Math.min(1, result.score / topScore)) : 0.04;
+  const share = meterShare(result.score, scale);
   const meter = el("span", { class: "meter", "aria-hidden": "true" }, el("span", { style: `width:${share * 100}%` }));
   const score = el("span", { class: "score", title: "cosine similarity" }, formatScore(result.score));
   let body = el("span", { class: "quote" }, text);
@@ -50,9 +58,9 @@ export function card(result, index, topScore) {
   );
 }
 
-export function appendResults(results, offset, topScore) {
+export function appendResults(results, offset, scale) {
   const frag = document.createDocumentFragment();
-  results.forEach((r, i) => frag.append(card(r, offset + i, topScore)));
+  results.forEach((r, i) => frag.append(card(r, offset + i, scale)));
   $("results").append(frag);
 }
 
