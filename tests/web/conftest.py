@@ -7,10 +7,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
+from playwright.sync_api import Browser, Route, sync_playwright
 
 from tests.service.conftest import build_bundle
 
@@ -28,17 +30,17 @@ CHROMIUM_ARGS = [
 class LiveServer:
     """The real `create_app(settings)` under uvicorn in a background thread, on a free loopback port."""
 
-    def __init__(self, bundles: Path, **overrides: object) -> None:
+    def __init__(self, bundles: Path, **overrides: Any) -> None:
         from service.app import create_app
         from service.settings import ServiceSettings
 
-        base: dict[str, object] = {
+        base: dict[str, Any] = {
             "bundles": bundles,
             "device": "cpu",
             "reload_poll_s": 0,
             "batch_max_wait_ms": 1,
         }
-        settings = ServiceSettings(**{**base, **overrides})  # type: ignore[arg-type]
+        settings = ServiceSettings(**{**base, **overrides})
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -74,15 +76,13 @@ def server(web_bundles: Path) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[object]:
+def browser() -> Iterator[Browser]:
     """Debian's Chromium. Missing is a failure, not a skip: CI installs it (.ci/run)."""
     if not CHROMIUM.exists():
         pytest.fail(
             f"{CHROMIUM} is missing: the browser tests need Debian's Chromium (apt-get install chromium)",
             pytrace=False,
         )
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
@@ -92,9 +92,9 @@ def browser() -> Iterator[object]:
 class Visit:
     """A fresh browser context on one server that refuses, and records, any request to another origin."""
 
-    def __init__(self, browser: object, base_url: str, **context_options: object) -> None:
+    def __init__(self, browser: Browser, base_url: str, **context_options: Any) -> None:
         self.base_url = base_url
-        self.context = browser.new_context(base_url=base_url, accept_downloads=True, **context_options)  # type: ignore[attr-defined]
+        self.context = browser.new_context(base_url=base_url, accept_downloads=True, **context_options)
         self.requests: list[str] = []
         self.foreign: list[str] = []
         self.search_bodies: list[str] = []  # JSON bodies of text searches, in order
@@ -104,24 +104,24 @@ class Visit:
         self.page.set_default_timeout(15_000)
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
 
-    def _route(self, route: object) -> None:
-        url = route.request.url  # type: ignore[attr-defined]
+    def _route(self, route: Route) -> None:
+        url = route.request.url
         self.requests.append(url)
         if url.endswith("/v1/search/text"):
-            self.search_bodies.append(route.request.post_data or "")  # type: ignore[attr-defined]
+            self.search_bodies.append(route.request.post_data or "")
         parts = urlsplit(url)
         if parts.scheme in ("blob", "data") or f"{parts.scheme}://{parts.netloc}" == self.base_url:
-            route.continue_()  # type: ignore[attr-defined]
+            route.continue_()
         else:
             self.foreign.append(url)
-            route.abort()  # type: ignore[attr-defined]
+            route.abort()
 
     def close(self) -> None:
         self.context.close()
 
 
 @pytest.fixture
-def visit(browser: object, server: LiveServer) -> Iterator[Visit]:
+def visit(browser: Browser, server: LiveServer) -> Iterator[Visit]:
     """A desktop-sized page on the ready server; fails the test if the page reached another origin."""
     v = Visit(browser, server.url, viewport={"width": 1280, "height": 900})
     yield v
