@@ -114,6 +114,7 @@ async function loadPage() {
       document.body.classList.remove("busy");
       $("more").hidden = !page.hasMore;
       if (page.hasMore) fillViewport();
+      if (page.state.view && !$("detail").open) syncView(page.state); // a view opened by URL
     }
   }
 }
@@ -140,7 +141,6 @@ function showPage(response, state) {
   const n = page.results.length;
   const took = `${Number(response.took_ms).toFixed(1)} ms`;
   render.status(`${n}${page.hasMore ? "+" : ""} ${noun}${n === 1 ? "" : "s"} · ${took}`, `bundle ${response.bundle}`);
-  if (state.view) syncView(state);
 }
 
 function askForKey(e) {

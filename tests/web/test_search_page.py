@@ -328,3 +328,16 @@ def test_a_server_with_an_api_key_asks_for_it_once(browser, web_bundles: Path):
         visit.close()
         live.close()
     assert visit.foreign == []
+
+
+def test_a_shared_link_to_a_result_opens_its_large_view(visit: Visit):
+    page = visit.page
+    page.goto("/?q=red&view=3")  # item 3 is the yellow square, whatever its rank for "red"
+    expect(page.locator("#detail")).to_be_visible()
+    expect(page.locator("#detail-title")).to_have_text("a yellow square")
+    expect(page.locator("#detail-id")).to_have_text("3")
+    page.wait_for_function("document.getElementById('detail-img').naturalWidth > 0")
+    page.keyboard.press("Escape")
+    expect(page.locator("#detail")).to_be_hidden()
+    expect(page).to_have_url(re.compile(r"/\?q=red&target=images$"))
+    _wait_results(page, 8)
