@@ -184,7 +184,7 @@ def ensure_font(cfg: DemoConfig, say: Say, runner: Callable[[Sequence[str]], int
 def _stage(
     cfg: DemoConfig,
     name: str,
-    args: list[str],
+    make_args: Callable[[DemoConfig], list[str]],
     state_fn: Callable[[DemoConfig], dict[str, Any] | None],
     upstream: dict[str, Any],
     say: Say,
@@ -195,6 +195,7 @@ def _stage(
         say(f"[{name}] up to date, skipped")
         assert state is not None
         return state
+    args = make_args(cfg)  # only now: building the arguments may clear a stale output
     say(f"[{name}] clipsearch {' '.join(args)}")
     if run(args) != 0:
         raise DemoError(f"the {name} stage failed (see the messages above); re-run to resume")
@@ -206,8 +207,11 @@ def _stage(
 
 
 def _train_args(cfg: DemoConfig) -> list[str]:
-    if (cfg.run_dir / "checkpoint").exists() and not (cfg.model_dir / "open_clip_config.json").exists():
+    """Resume an interrupted run when it left a checkpoint; otherwise start afresh."""
+    if (cfg.run_dir / "checkpoint").is_dir():
         return ["train", "--resume", str(cfg.run_dir)]
+    if cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)  # a run that died before its first checkpoint: nothing to keep
     args = ["train", "--train", str(cfg.data_dir / "train.csv"), "--val", str(cfg.data_dir / "val.csv")]
     args += ["--out", str(cfg.run_dir), "--model", cfg.model, "--device", cfg.device]
     return [*args, "--time-budget", f"{cfg.time_budget_minutes:g}"]
@@ -218,17 +222,14 @@ def prepare(cfg: DemoConfig, say: Say, run: Runner = run_clipsearch) -> str:
     font = ensure_font(cfg, say)
     data_args = ["data", "emoji", "--out", str(cfg.data_dir), "--font", str(font)]
     data_args += ["--limit", str(cfg.limit)] if cfg.limit else []
-    data = _stage(cfg, "data", data_args, data_state, {}, say, run)
-    if (
-        not _is_done(cfg, "train", model_state(cfg), data)
-        and cfg.run_dir.exists()
-        and not (cfg.run_dir / "checkpoint").exists()
-    ):
-        shutil.rmtree(cfg.run_dir)  # a stale run of other data; nothing to resume
-    model = _stage(cfg, "train", _train_args(cfg), model_state, data, say, run)
+    data = _stage(cfg, "data", lambda _: data_args, data_state, {}, say, run)
+    if not _is_done(cfg, "train", model_state(cfg), data) and _read_marker(cfg, "train") is not None:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)  # trained on other data: start over
+        _marker(cfg, "train").unlink()
+    model = _stage(cfg, "train", _train_args, model_state, data, say, run)
     index_args = ["index", "--model", str(cfg.model_dir), "--images", str(cfg.data_dir / "captions.csv")]
     index_args += ["--bundles", str(cfg.bundles_dir), "--device", cfg.device]
-    index = _stage(cfg, "index", index_args, index_state, model, say, run)
+    index = _stage(cfg, "index", lambda _: index_args, index_state, model, say, run)
     return str(index["bundle"])
 
 
