@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
-import numpy as np
 import pytest
 
 from indexer.bundle import (
@@ -13,8 +11,6 @@ from indexer.bundle import (
     BundleContents,
     BundleError,
     IndexSpec,
-    Item,
-    ModelRef,
     clean_temp,
     leased_versions,
     list_versions,
@@ -23,44 +19,11 @@ from indexer.bundle import (
     read_current,
     write_lease,
 )
-from indexer.model import Encoder
-
-
-def _contents(model_dir, n_images=3, n_texts=2, dim=32) -> BundleContents:
-    enc = Encoder.from_dir(model_dir, "cpu")
-    rng = np.random.default_rng(0)
-
-    def index(ids):
-        x = rng.normal(size=(len(ids), dim)).astype(np.float32)
-        faiss.normalize_L2(x)
-        idx = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        idx.add_with_ids(x, np.asarray(ids, dtype=np.int64))
-        return idx
-
-    img_ids, txt_ids = list(range(n_images)), list(range(n_images, n_images + n_texts))
-    items = [Item(id=i, kind="image", path=f"/x/{i}.png") for i in img_ids]
-    items += [Item(id=i, kind="text", text=f"text {i}") for i in txt_ids]
-    i = enc.info
-    return BundleContents(
-        model_dir=model_dir,
-        model=ModelRef(
-            name=i.name,
-            fingerprint=i.fingerprint,
-            embed_dim=i.embed_dim,
-            image_size=i.image_size,
-            context_length=i.context_length,
-        ),
-        image_index=index(img_ids),
-        text_index=index(txt_ids),
-        images=IndexSpec(file="images.faiss", count=n_images),
-        texts=IndexSpec(file="texts.faiss", count=n_texts),
-        items=items,
-        skipped=[{"path": "/x/bad.png", "reason": "truncated"}],
-    )
+from tests.conftest import bundle_contents
 
 
 def test_publish_then_open_roundtrip(tiny_model_dir, tmp_path):
-    root = publish(tmp_path, _contents(tiny_model_dir))
+    root = publish(tmp_path, bundle_contents(tiny_model_dir))
     assert read_current(tmp_path) == root.name
     b = open_bundle(tmp_path)
     assert b.version == root.name and b.image_index.ntotal == 3 and b.text_index.ntotal == 2
@@ -72,7 +35,7 @@ def test_publish_then_open_roundtrip(tiny_model_dir, tmp_path):
 
 
 def test_tampered_file_is_refused(tiny_model_dir, tmp_path):
-    root = publish(tmp_path, _contents(tiny_model_dir))
+    root = publish(tmp_path, bundle_contents(tiny_model_dir))
     data = bytearray((root / "images.faiss").read_bytes())
     data[-1] ^= 0xFF
     (root / "images.faiss").write_bytes(bytes(data))
@@ -81,8 +44,8 @@ def test_tampered_file_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_count_mismatch_is_refused_at_publish(tiny_model_dir, tmp_path):
-    good = publish(tmp_path, _contents(tiny_model_dir))
-    bad = _contents(tiny_model_dir)
+    good = publish(tmp_path, bundle_contents(tiny_model_dir))
+    bad = bundle_contents(tiny_model_dir)
     bad = BundleContents(**{**bad.__dict__, "images": IndexSpec(file="images.faiss", count=7)})
     with pytest.raises(BundleError, match="holds 3 vectors, manifest says 7"):
         publish(tmp_path, bad)
