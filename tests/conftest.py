@@ -9,9 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import faiss
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from indexer.bundle import BundleContents, IndexSpec, Item, ModelRef
+from indexer.model import Encoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,4 +80,38 @@ def run_cli(
         text=True,
         timeout=timeout,
         **kw,
+    )
+
+
+def bundle_contents(model_dir, n_images=3, n_texts=2, dim=32) -> BundleContents:
+    """Random unit vectors for `n_images` images and `n_texts` texts, ready for `publish`."""
+    enc = Encoder.from_dir(model_dir, "cpu")
+    rng = np.random.default_rng(0)
+
+    def index(ids):
+        x = rng.normal(size=(len(ids), dim)).astype(np.float32)
+        faiss.normalize_L2(x)
+        idx = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        idx.add_with_ids(x, np.asarray(ids, dtype=np.int64))
+        return idx
+
+    img_ids, txt_ids = list(range(n_images)), list(range(n_images, n_images + n_texts))
+    items = [Item(id=i, kind="image", path=f"/x/{i}.png") for i in img_ids]
+    items += [Item(id=i, kind="text", text=f"text {i}") for i in txt_ids]
+    i = enc.info
+    return BundleContents(
+        model_dir=model_dir,
+        model=ModelRef(
+            name=i.name,
+            fingerprint=i.fingerprint,
+            embed_dim=i.embed_dim,
+            image_size=i.image_size,
+            context_length=i.context_length,
+        ),
+        image_index=index(img_ids),
+        text_index=index(txt_ids),
+        images=IndexSpec(file="images.faiss", count=n_images),
+        texts=IndexSpec(file="texts.faiss", count=n_texts),
+        items=items,
+        skipped=[{"path": "/x/bad.png", "reason": "truncated"}],
     )
