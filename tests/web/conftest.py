@@ -12,11 +12,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
-from playwright.sync_api import Browser, Route, sync_playwright
+from playwright.sync_api import Browser, Route, expect, sync_playwright
 
 from tests.service.conftest import build_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
+# Assertions wait for the page up to this long: generous, since CI machines may be busy.
+expect.set_options(timeout=15_000)
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
