@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,33 @@ def test_healthcheck_passes_only_when_ready(dockerfile, readyz_stub):
     readyz_stub.status = 503
     assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0
     assert readyz_stub.paths == ["/readyz", "/readyz"]
+
+
+def test_the_copied_context_builds_a_wheel_with_the_page_and_configs(dockerfile, tmp_path: Path):
+    """What the build stage does, outside Docker: COPY (minus .dockerignore) then build the project."""
+    patterns = dockerignore(REPO / ".dockerignore")
+    context = tmp_path / "src"
+    for ins in (c for c in dockerfile[1][0].all("COPY") if "--from=" not in c.args):
+        for src in copy_sources(ins):
+            paths = [REPO / src] if (REPO / src).is_file() else sorted((REPO / src).rglob("*"))
+            for path in (p for p in paths if p.is_file()):
+                rel = path.relative_to(REPO).as_posix()
+                if not is_ignored(rel, patterns):
+                    (context / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, context / rel)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", "dist"],
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (context / "dist").glob("clipsearch-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = [p.relative_to(REPO).as_posix() for p in (REPO / "service" / "static").iterdir()]
+    expected += [p.relative_to(REPO).as_posix() for p in (REPO / "indexer" / "configs").glob("*.json")]
+    missing = [n for n in expected if n not in names]
+    assert not missing, f"the installed package would lack {missing}"
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "clipsearch = indexer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
