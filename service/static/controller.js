@@ -207,6 +207,7 @@ async function loadInfo() {
     if (d.device) parts.push(d.device);
     render.info(parts.join(" · "), d.model ? `model ${d.model}` : "");
     limitPageSizes(d.maxK);
+    suggestIdeas(d);
     page.ready = true;
   } catch (e) {
     if (e instanceof api.ApiError && e.status === 503) notReady(e.message);
@@ -215,6 +216,27 @@ async function loadInfo() {
       if (!urlState.hasQuery(page.state)) askForKey(e);
     } else render.info("server unavailable");
   }
+}
+
+/** A few captions of the bundle as one-click example searches on the empty page. */
+async function suggestIdeas(d) {
+  const total = Number(d.images || 0) + Number(d.texts || 0);
+  const box = $("ideas");
+  if (!total || box.dataset.bundle === d.bundle) return;
+  box.dataset.bundle = d.bundle;
+  const ids = new Set(Array.from({ length: Math.min(12, total) }, () => Math.floor(Math.random() * total)));
+  const items = await Promise.all([...ids].map((id) => api.item(id).catch(() => null)));
+  const captions = [...new Set(items.filter((it) => it?.text).map((it) => it.text.trim()))].slice(0, 5);
+  box.querySelectorAll("button").forEach((b) => b.remove());
+  for (const caption of captions) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "idea";
+    button.textContent = caption;
+    button.addEventListener("click", () => navigate({ q: caption, similar: null, upload: null, view: null }));
+    box.append(button);
+  }
+  box.hidden = captions.length === 0;
 }
 
 /** Offer no page size above the server's max_k (a larger k would be refused). */

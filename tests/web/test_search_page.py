@@ -341,3 +341,17 @@ def test_a_shared_link_to_a_result_opens_its_large_view(visit: Visit):
     expect(page.locator("#detail")).to_be_hidden()
     expect(page).to_have_url(re.compile(r"/\?q=red&target=images$"))
     _wait_results(page, 8)
+
+
+def test_the_empty_page_suggests_captions_to_try(visit: Visit):
+    page = visit.page
+    page.goto("/")
+    ideas = page.locator("#ideas .idea")
+    expect(ideas.first).to_be_visible()
+    texts = ideas.all_inner_texts()
+    assert texts and set(texts) <= CAPTIONS, texts
+    ideas.first.click()
+    expect(page.locator("#q")).to_have_value(texts[0])
+    expect(page).to_have_url(re.compile(r"\?q=a\+\w+\+square"))
+    _wait_results(page, 8)
+    expect(page.locator("#hint")).to_be_hidden()
