@@ -89,6 +89,7 @@ def _batcher(
         max_wait_ms=settings.batch_max_wait_ms,
         queue_size=settings.queue_size,
         retry_after_s=settings.retry_after_s,
+        workers=settings.batch_workers,
         on_batch=metrics.batch_size.labels(kind).observe,
     )
 
@@ -116,7 +117,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         metrics: Metrics = app.state.metrics
-        with ThreadPoolExecutor(1, thread_name_prefix="clipsearch-model") as executor:
+        with ThreadPoolExecutor(settings.batch_workers, thread_name_prefix="clipsearch-model") as executor:
             service = _build_service(settings, metrics, executor)
             app.state.service = service
             start = time.perf_counter()

@@ -37,6 +37,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
         max_wait_ms: float,
         queue_size: int,
         retry_after_s: int = 1,
+        workers: int = 1,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
@@ -45,6 +46,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
         self.max_size = max_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.retry_after_s = retry_after_s
+        self.workers = workers
         self._queue: asyncio.Queue[tuple[JobT, asyncio.Future[ResultT]]] = asyncio.Queue(queue_size)
         self._on_batch = on_batch
         self._task: asyncio.Task[None] | None = None
@@ -98,22 +100,42 @@ class MicroBatcher(Generic[JobT, ResultT]):
             batch.append(self._queue.get_nowait())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [(job, fut) for job, fut in await self._collect() if not fut.done()]  # drop abandoned
-            self._last_size = len(batch)
-            if not batch:
-                continue
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
-            try:
-                results = await loop.run_in_executor(self._executor, self._process, [j for j, _ in batch])
-            except Exception as e:  # the whole batch failed: every waiter gets the error
-                results = [e] * len(batch)
-            for (_, fut), result in zip(batch, results, strict=True):
-                if fut.done():
+        # Collect the next batch only once a worker is free: while all are busy, queries pile up
+        # in the queue and the next batch is bigger, which is what makes a busy server efficient.
+        running: set[asyncio.Task[None]] = set()
+        free = asyncio.Semaphore(self.workers)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            free.release()
+
+        try:
+            while True:
+                await free.acquire()
+                batch = [(job, fut) for job, fut in await self._collect() if not fut.done()]  # drop abandoned
+                self._last_size = len(batch)
+                if not batch:
+                    free.release()
                     continue
-                if isinstance(result, BaseException):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+                running.add(task)
+                task.add_done_callback(finished)
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _run_batch(self, batch: list[tuple[JobT, asyncio.Future[ResultT]]]) -> None:
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._process, [j for j, _ in batch])
+        except Exception as e:  # the whole batch failed: every waiter gets the error
+            results = [e] * len(batch)
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)

@@ -53,6 +53,9 @@ class ServiceSettings(BaseSettings):
         ge=0,
         description="How long a batch waits for more queries, only while the server is busy.",
     )
+    batch_workers: int = Field(
+        default=1, ge=1, description="Batches encoded at once; >1 with threads=1 suits busy CPU-only hosts."
+    )
     queue_size: int = Field(default=256, ge=1, description="Queries waiting per encoder queue before 503.")
     reload_poll_s: float = Field(default=2.0, ge=0, description="How often CURRENT is checked; 0 = never.")
     reload_retry_s: float = Field(

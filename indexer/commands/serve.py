@@ -7,6 +7,7 @@ a flag left out falls back to its `CLIPSEARCH_*` environment variable, then to t
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -67,6 +68,9 @@ def serve(**flags: Any) -> None:
     with user_errors():
         settings = settings_from_flags(flags)
         setup_logging()
+        # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Spinning threads
+        # make batched forward passes many times slower on a host whose cores other work shares.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from service import server  # heavy (torch, faiss, fastapi): only when serving
 
         server.run(settings)
