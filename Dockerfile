@@ -61,4 +61,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CLIPSEARCH_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["clipsearch"]
-CMD ["serve", "--bundles", "/data/bundles", "--host", "0.0.0.0", "--port", "8000"]
+# Bundles dir, host and port come from the CLIPSEARCH_* variables above, so changing CLIPSEARCH_PORT
+# moves the server and the healthcheck together.
+CMD ["serve"]

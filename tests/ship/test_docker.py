@@ -173,3 +173,20 @@ def test_the_copied_context_builds_a_wheel_with_the_page_and_configs(dockerfile,
     assert not missing, f"the installed package would lack {missing}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "clipsearch = indexer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_the_default_command_serves_on_all_interfaces_at_the_exposed_port(dockerfile):
+    """`CMD ["serve"]` takes its settings from the image's CLIPSEARCH_* variables: they must be real ones."""
+    from service.settings import ServiceSettings
+
+    final = _final(dockerfile)
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(e.args for e in final.all("ENV"))))
+    settings = {k: v for k, v in env.items() if k.startswith("CLIPSEARCH_")}
+    unknown = [
+        k for k in settings if k.removeprefix("CLIPSEARCH_").lower() not in ServiceSettings.model_fields
+    ]
+    assert not unknown, f"not service settings: {unknown}"
+    assert settings["CLIPSEARCH_HOST"] == "0.0.0.0"
+    assert any(settings["CLIPSEARCH_PORT"] in e.args.split() for e in final.all("EXPOSE"))
+    assert settings["CLIPSEARCH_BUNDLES"].startswith("/data/")
+    assert final.all("CMD")[-1].exec_form() == ["serve"]
