@@ -12,10 +12,15 @@ Prints QPS, p50 and p99 for each run and the ratios the issue sets floors for:
 
 from __future__ import annotations
 
+import os
+
+# Before anything loads OpenMP (faiss, torch), and the same for all three (clipsearch serve sets it
+# too): spinning idle OpenMP threads make forward passes many times slower on a shared host.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import asyncio
 import io
-import os
 import subprocess
 import sys
 import time
@@ -28,9 +33,6 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
-# The same OpenMP wait policy for all three (clipsearch serve sets it too): spinning idle OpenMP threads
-# make forward passes many times slower on a host whose cores other processes share.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -52,7 +54,7 @@ class Stats:
     @property
     def per_cpu_s(self) -> float:
         """Requests per CPU-second of the server: throughput that other load on the host does not skew."""
-        return len(self.latencies) / self.cpu_s if self.cpu_s else float("nan")
+        return len(self.latencies) / self.cpu_s if self.cpu_s else 0.0
 
     @property
     def qps(self) -> float:
@@ -65,7 +67,8 @@ class Stats:
     def line(self) -> str:
         return (
             f"{self.name:<34} {self.qps:8.1f} QPS  p50 {self.pct(0.5):8.1f} ms  p99 {self.pct(0.99):8.1f} ms"
-            f"  {self.per_cpu_s:6.2f} req/cpu-s  n={len(self.latencies)} failed={self.failures}"
+            + (f"  {self.per_cpu_s:6.2f} req/cpu-s" if self.cpu_s else "")
+            + f"  n={len(self.latencies)} failed={self.failures}"
         )
 
 

@@ -24,7 +24,8 @@ class ServiceSettings(BaseSettings):
         default=None, ge=1, description="torch CPU threads (default: torch's choice)."
     )
     precision: str = Field(
-        default="auto", description="CUDA autocast dtype: auto (bf16 if supported), fp16, bf16."
+        default="auto",
+        description="CUDA autocast: auto (bf16 if supported, else fp16), fp16, bf16, fp32 (off).",
     )
     admin_key: str | None = Field(
         default=None, description="Bearer key for /v1/admin/*; unset = admin disabled."

@@ -93,6 +93,7 @@ class ServiceState:
         self._lock = threading.Lock()  # guards _current and reference counts
         self._load_lock = threading.Lock()  # one load at a time
         self._failed: dict[str, float] = {}  # version -> when it last failed to load
+        self._last_logged: str | None = None
 
     @property
     def current(self) -> Snapshot | None:
@@ -139,6 +140,7 @@ class ServiceState:
                 self._failed[name] = time.time()
                 return self._failure(name, str(e))
             self._failed.pop(name, None)
+            self._last_logged = None
             self._swap(snap)
             return ReloadResult(name, changed=True)
 

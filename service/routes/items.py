@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import mimetypes
 from pathlib import Path
 
@@ -35,19 +36,8 @@ def get_item(item_id: int, request: Request, service: ServiceDep) -> ItemRespons
     with service.state.lease() as snap:
         mark_bundle(request, snap.version)
         item = _item(snap, item_id)
-        return ItemResponse(
-            bundle=snap.version,
-            id=item.id,
-            kind=item.kind,
-            path=item.path,
-            text=item.text,
-            size=item.size,
-            mtime=item.mtime,
-            sha256=item.sha256,
-            width=item.width,
-            height=item.height,
-            image_url=image_url(item.id) if item.kind == "image" else None,
-        )
+        url = image_url(item.id) if item.kind == "image" else None
+        return ItemResponse(bundle=snap.version, image_url=url, **dataclasses.asdict(item))
 
 
 def _safe_file(snap: Snapshot, item: Item) -> Path:

@@ -124,3 +124,34 @@ def test_openapi_lists_every_endpoint(client: TestClient) -> None:
     ):
         assert path in paths
     assert "multipart/form-data" in paths["/v1/search/image"]["post"]["requestBody"]["content"]
+
+
+def test_docs_page(client: TestClient) -> None:
+    r = client.get("/docs")
+    assert r.status_code == 200 and "swagger" in r.text.lower()
+
+
+def test_unicode_and_emoji_queries(client: TestClient) -> None:
+    for query in ("🐶 on a skateboard", "一只红色的正方形", "café au lait"):
+        r = client.post("/v1/search/text", json={"query": query, "k": 2})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def test_collection_root_from_manifest_stats(tmp_path: Path, tiny_model_dir: Path, collection: Path) -> None:
+    """A root the indexer records in the manifest wins over the images' common folder."""
+    from indexer.bundle import open_bundle_dir
+    from service.state import collection_root
+    from tests.service.conftest import build_bundle
+
+    narrow = collection.parent / "images"
+    out = build_bundle(tmp_path, tiny_model_dir, collection, stats={"collection_root": str(narrow / "sub")})
+    bundle = open_bundle_dir(out)
+    try:
+        assert collection_root(bundle) == (narrow / "sub").resolve()
+    finally:
+        bundle.close()
+    derived = open_bundle_dir(build_bundle(tmp_path / "b", tiny_model_dir, collection))
+    try:
+        assert collection_root(derived) == narrow.resolve()
+    finally:
+        derived.close()

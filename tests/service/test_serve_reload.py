@@ -73,10 +73,10 @@ def test_bundle_failing_verification_keeps_the_old_one(
 ) -> None:
     first = build_bundle(tmp_path, tiny_model_dir, colour_csv).name
     with TestClient(create_app(settings_for(tmp_path, reload_poll_s=0.05))) as c:
-        broken = build_bundle(tmp_path, tiny_model_dir, small_csv)
-        set_current(tmp_path, first)  # hide it from the poller until it is corrupted
-        with open(broken / "images.faiss", "ab") as f:
+        staged = build_bundle(tmp_path / "staging", tiny_model_dir, small_csv)  # out of the poller's sight
+        with open(staged / "images.faiss", "ab") as f:
             f.write(b"\0")
+        broken = staged.rename(tmp_path / staged.name)
         set_current(tmp_path, broken.name)
         r = c.post("/v1/admin/reload", headers=ADMIN)
         assert r.status_code == 409 and r.json()["error"]["code"] == "reload_failed"
