@@ -23,6 +23,22 @@ from indexer.errors import ClipsearchError
 log = logging.getLogger(__name__)
 LOCK_NAME = "lock"
 
+# flock locks belong to the open file, which forked children (DataLoader workers) share: if the indexer
+# were killed, an orphaned worker would keep the lock. Children close their copy at once.
+_HELD: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
 
 class LockError(ClipsearchError, RuntimeError):
     """Another live process holds the bundles dir's lock."""
@@ -75,11 +91,13 @@ def exclusive_lock(bundles_dir: Path, what: str = "index") -> Iterator[Path]:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
+        _HELD.add(fd)
         try:
             yield path
         finally:
             os.ftruncate(fd, 0)
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # closing the descriptor releases the flock
 
 
