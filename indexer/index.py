@@ -154,7 +154,7 @@ def build_index(blocks: Blocks, ids: np.ndarray, d: int, cfg: IndexConfig) -> tu
     index = _new_index(d, factory)
     if _is_exact(factory):
         index = _add(index, blocks, ids)
-        return index, IndexSpec(file="", count=n, factory="Flat")
+        return index, IndexSpec(file="", count=n, factory="Flat", recall_at_10=None)
     trained = _train(index, blocks, n, cfg)
     index = _add(index, blocks, ids)
     recall, params = tune_recall(index, blocks, ids, trained, cfg)
@@ -189,13 +189,13 @@ def tune_recall(
     """Measured recall@10 vs exact search, after choosing the cheapest nprobe/efSearch reaching the target."""
     xq = _queries(blocks, trained, cfg)
     k = min(10, len(ids))
-    _, gt_pos = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    _, gt_pos = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)  # type: ignore[no-untyped-call]
     truth = ids[gt_pos]
     ladder = _ladder(index)
     best: tuple[float, dict[str, int]] = (0.0, {})
     ps = faiss.ParameterSpace()
     for name, value in ladder:
-        ps.set_index_parameters(index, f"{name}={value}")
+        ps.set_index_parameters(index, f"{name}={value}")  # type: ignore[arg-type]
         _, found = index.search(xq, k)
         best = (recall_at_10(found, truth), {name: value})
         if best[0] >= cfg.recall_target:

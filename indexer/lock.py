@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from indexer.bundle import WORK_DIR
@@ -30,10 +30,8 @@ _HELD: set[int] = set()
 
 def _close_in_child() -> None:
     for fd in list(_HELD):
-        try:
+        with suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     _HELD.clear()
 
 

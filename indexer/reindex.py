@@ -33,7 +33,7 @@ from indexer.data import SourceSpec, read_records
 from indexer.errors import ClipsearchError
 from indexer.index import IndexConfig, build_index, validate_factory
 from indexer.lock import exclusive_lock
-from indexer.model import CONFIG_NAME, WEIGHTS_NAME, Encoder, ModelError, file_sha256
+from indexer.model import CONFIG_NAME, WEIGHTS_NAME, Encoder, ModelError, file_sha256, resolve_device
 from indexer.pipeline import EmbedConfig, ImageJob, checkpoint, embed_images, embed_texts
 from indexer.scan import Previous, ScanResult, SourceImage, read_previous, scan
 
@@ -91,6 +91,7 @@ def _check_inputs(cfg: ReindexConfig) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"--model {cfg.model_dir}/{CONFIG_NAME} is not an open_clip config ({e})") from None
     validate_factory(cfg.index.kind, int(model_cfg["embed_dim"]))
+    resolve_device(cfg.device)
     if cfg.texts_file is not None and not cfg.texts_file.is_file():
         raise IndexingError(f"--texts {cfg.texts_file} does not exist")
     if cfg.bundles_dir.exists() and not cfg.bundles_dir.is_dir():
@@ -216,14 +217,14 @@ def _split(
     for img in scanned.images:
         if img.sha256 in failures:
             code, message = failures[img.sha256]
-            skipped.append({"key": img.key, "code": code, "message": message})
+            skipped.append({"path": img.key, "reason": code, "message": message})
         else:
             usable.append(img)
     return usable, skipped
 
 
 def _all_failed_message(skipped: list[dict[str, str]]) -> str:
-    first = "; ".join(f"{Path(s['key']).name}: {s['code']}" for s in skipped[:3])
+    first = "; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in skipped[:3])
     return f"none of the {len(skipped)} images could be used ({first}); nothing was published"
 
 

@@ -84,7 +84,7 @@ def _signature(record: Record) -> tuple[int, int, float]:
 @dataclass
 class ScanResult:
     images: list[SourceImage]
-    failed: list[dict[str, str]]  # {"key", "code", "message"}
+    failed: list[dict[str, str]]  # skipped.jsonl rows: {"path", "reason", "message"}
     hashed: int  # files that had to be read because their signature changed
 
 
@@ -114,7 +114,7 @@ def scan(records: Sequence[Record], states: FileStates, full: bool) -> ScanResul
 
 def _failure(key: str, e: OSError) -> dict[str, str]:
     code = "not_found" if isinstance(e, FileNotFoundError) else "unreadable"
-    return {"key": key, "code": code, "message": f"{e.strerror or e}"}
+    return {"path": key, "reason": code, "message": f"{e.strerror or e}"}
 
 
 def _hash_all(
@@ -163,5 +163,7 @@ def _hash_shard(
     except (tarfile.TarError, OSError) as e:
         log.warning("cannot read shard %s: %s", shard, e)
     for item in wanted.values():
-        failed.append({"key": item[0].key, "code": "unreadable", "message": f"cannot read it from {shard}"})
+        failed.append(
+            {"path": item[0].key, "reason": "unreadable", "message": f"cannot read it from {shard}"}
+        )
     return len(items) - len(wanted)

@@ -19,7 +19,7 @@ from indexer.cache import EmbeddingCache, cache_files
 from indexer.lock import LockError, exclusive_lock, lock_path
 from indexer.reindex import IndexingError
 from tests.conftest import run_cli
-from tests.index.conftest import make_folder, run_index
+from tests.index.helpers import run_index
 
 
 def _bad_files(folder: Path) -> dict[str, str]:
@@ -39,9 +39,9 @@ def _bad_files(folder: Path) -> dict[str, str]:
 
 def test_bad_images_are_skipped_with_reasons(tiny_model_dir, folder, tmp_path):
     expected = _bad_files(folder)
+    from indexer.data import SourceSpec
     from indexer.pipeline import EmbedConfig
     from indexer.reindex import ReindexConfig, reindex
-    from indexer.data import SourceSpec
 
     cfg = ReindexConfig(
         model_dir=tiny_model_dir,
@@ -53,7 +53,7 @@ def test_bad_images_are_skipped_with_reasons(tiny_model_dir, folder, tmp_path):
     assert res.images == 6 and res.skipped == 4
     b = open_bundle(tmp_path / "b")
     rows = [json.loads(line) for line in (b.root / SKIPPED).read_text().splitlines()]
-    got = {Path(r["key"]).name: r["code"] for r in rows}
+    got = {Path(r["path"]).name: r["reason"] for r in rows}
     assert got == expected
     assert all(r["message"] for r in rows)
     b.close()
@@ -65,7 +65,7 @@ def test_missing_file_listed_in_a_csv_is_skipped(tiny_model_dir, folder, tmp_pat
     res = run_index(tiny_model_dir, csv, tmp_path / "b")
     assert (res.images, res.skipped) == (2, 1)
     rows = [json.loads(x) for x in (tmp_path / "b" / res.bundle / SKIPPED).read_text().splitlines()]
-    assert [(Path(r["key"]).name, r["code"]) for r in rows] == [("gone.png", "not_found")]
+    assert [(Path(r["path"]).name, r["reason"]) for r in rows] == [("gone.png", "not_found")]
 
 
 def test_run_fails_only_when_every_image_fails(tiny_model_dir, tmp_path):

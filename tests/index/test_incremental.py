@@ -12,7 +12,7 @@ import torch
 
 from indexer.bundle import open_bundle
 from indexer.model import Encoder, model_config, save_model_dir
-from tests.index.conftest import make_folder, make_image, run_index
+from tests.index.helpers import make_folder, make_image, run_index
 
 
 def _ids_by_path(bundles: Path) -> dict[str, int]:

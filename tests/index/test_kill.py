@@ -15,7 +15,7 @@ import pytest
 from indexer.bundle import TMP_PREFIX, open_bundle, read_current
 from indexer.pipeline import PAUSE_ENV
 from tests.conftest import REPO
-from tests.index.conftest import make_image, make_folder, run_index
+from tests.index.helpers import make_folder, make_image, run_index
 
 pytestmark = pytest.mark.slow
 
