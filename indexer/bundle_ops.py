@@ -128,7 +128,7 @@ def prune_cache(bundles_dir: Path, dry_run: bool = False) -> int:
             conn.close()
     removed = 0
     for path in cache_files(bundles_dir):
-        match = next((fp for fp in keep if fp.startswith(path.stem)), None)
+        match = next((fp for fp in keep if fp.startswith(path.stem.split("-")[0])), None)
         if match is None:
             removed += 1
             if not dry_run:
@@ -136,7 +136,8 @@ def prune_cache(bundles_dir: Path, dry_run: bool = False) -> int:
         elif not dry_run:
             dim = _cache_dim(path)
             if dim:
-                cache = EmbeddingCache(bundles_dir, match, dim)
+                variant = path.stem.split("-", 1)[1] if "-" in path.stem else ""
+                cache = EmbeddingCache(bundles_dir, match, dim, variant=variant)
                 cache.prune(keep[match])
                 cache.close()
     return removed

@@ -67,10 +67,14 @@ def _chunks(seq: Sequence[str], n: int = _CHUNK) -> Iterator[Sequence[str]]:
 class EmbeddingCache:
     """Vectors keyed by (kind, content sha256) for one model fingerprint; written one batch at a time."""
 
-    def __init__(self, bundles_dir: Path, fingerprint: str, dim: int, fresh: bool = False) -> None:
-        self.path = Path(bundles_dir) / WORK_DIR / CACHE_DIR / f"{fingerprint[:32]}.sqlite"
+    def __init__(
+        self, bundles_dir: Path, fingerprint: str, dim: int, fresh: bool = False, variant: str = ""
+    ) -> None:
+        """`variant` names a numerics change (e.g. `int8`) whose vectors must not mix with plain ones."""
+        name = fingerprint[:32] + (f"-{variant}" if variant else "")
+        self.path = Path(bundles_dir) / WORK_DIR / CACHE_DIR / f"{name}.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fingerprint, self.dim = fingerprint, dim
+        self.fingerprint, self.dim, self.variant = fingerprint, dim, variant
         self.rebuilt: str | None = None
         if fresh:
             self._remove()
@@ -81,7 +85,7 @@ class EmbeddingCache:
             self._remove()
         self._conn = _connect(self.path)
         self._conn.executescript(_CACHE_SCHEMA)
-        meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "dim": str(dim)}
+        meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "dim": str(dim), "variant": variant}
         self._conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", meta.items())
         self._conn.commit()
 
@@ -96,7 +100,8 @@ class EmbeddingCache:
                 if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     return "fails SQLite's integrity check"
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if meta.get("fingerprint") != self.fingerprint or meta.get("format") != CACHE_FORMAT:
+                same = (meta.get("fingerprint"), meta.get("variant", "")) == (self.fingerprint, self.variant)
+                if not same or meta.get("format") != CACHE_FORMAT:
                     return "belongs to another model or format"
                 if meta.get("dim") != str(self.dim):
                     return f"holds {meta.get('dim')}-d vectors but the model embeds to {self.dim}"

@@ -41,6 +41,29 @@ class EmbedConfig:
     workers: int = field(default_factory=default_workers)  # 0 decodes on the main thread (no overlap)
     max_pixels: int = DEFAULT_MAX_PIXELS
     text_batch_size: int = 256
+    cpu_int8: bool = False  # opt-in CPU fast path: dynamic int8 quantisation of the Linear layers
+
+    def numerics(self, device: str) -> str:
+        """How vectors are computed; part of the cache identity so different numerics never mix."""
+        return "int8" if self.cpu_int8 and device == "cpu" else ""
+
+
+def apply_fast_path(encoder: Encoder, cfg: EmbedConfig) -> Encoder:
+    """Quantise the model's Linear layers to int8 (dynamic, per-tensor) when asked and on CPU.
+
+    Measured in benchmarks/index.py: faster on CPUs with VNNI, recall@10 vs fp32 reported there; off by
+    default because the vectors are not bit-identical to the fp32 ones the service computes.
+    """
+    if cfg.numerics(encoder.device.type) != "int8":
+        return encoder
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder.model = quantize_dynamic(encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
+    return encoder
 
 
 def checkpoint(stage: str, work_dir: Path) -> None:

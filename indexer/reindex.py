@@ -34,7 +34,7 @@ from indexer.errors import ClipsearchError
 from indexer.index import IndexConfig, build_index, validate_factory
 from indexer.lock import exclusive_lock
 from indexer.model import CONFIG_NAME, WEIGHTS_NAME, Encoder, ModelError, file_sha256, resolve_device
-from indexer.pipeline import EmbedConfig, ImageJob, checkpoint, embed_images, embed_texts
+from indexer.pipeline import EmbedConfig, ImageJob, apply_fast_path, checkpoint, embed_images, embed_texts
 from indexer.scan import Previous, ScanResult, SourceImage, read_previous, scan
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,13 @@ def _fingerprint(model_dir: Path, states: FileStates) -> str:
 class LazyEncoder:
     """Loads the model only if something has to be embedded (an unchanged re-run never builds it)."""
 
-    def __init__(self, model_dir: Path, device: str) -> None:
-        self.model_dir, self.device = model_dir, device
+    def __init__(self, model_dir: Path, device: str, embed: EmbedConfig) -> None:
+        self.model_dir, self.device, self.embed = model_dir, device, embed
         self._encoder: Encoder | None = None
 
     def get(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder.from_dir(self.model_dir, self.device)
+            self._encoder = apply_fast_path(Encoder.from_dir(self.model_dir, self.device), self.embed)
         return self._encoder
 
 
@@ -153,7 +153,8 @@ def _run(cfg: ReindexConfig, dim: int, start: float) -> ReindexResult:
     finally:
         states.close()
     checkpoint("scanned", work)
-    cache = EmbeddingCache(cfg.bundles_dir, fingerprint, dim, fresh=cfg.full)
+    variant = cfg.embed.numerics(resolve_device(cfg.device).type)
+    cache = EmbeddingCache(cfg.bundles_dir, fingerprint, dim, fresh=cfg.full, variant=variant)
     try:
         return _embed_and_publish(cfg, scanned, texts, prev, cache, start)
     finally:
@@ -169,7 +170,7 @@ def _embed_and_publish(
     start: float,
 ) -> ReindexResult:
     work = cfg.bundles_dir / WORK_DIR
-    encoder = LazyEncoder(cfg.model_dir, cfg.device)
+    encoder = LazyEncoder(cfg.model_dir, cfg.device, cfg.embed)
     jobs = _image_jobs(scanned.images, cache)
     report = embed_images(encoder.get(), jobs, cache, cfg.embed, work) if jobs else None
     text_shas = [(text_sha256(t), t) for t in texts]
@@ -320,7 +321,13 @@ def _contents(
         texts=IndexSpec(**{**text_spec.model_dump(), "file": TEXTS_INDEX}),
         items=items,
         skipped=skipped,
-        stats={**counts, "skipped": len(skipped), "next_id": next_id, "source": cfg.source.source},
+        stats={
+            **counts,
+            "skipped": len(skipped),
+            "next_id": next_id,
+            "source": cfg.source.source,
+            "numerics": cache.variant or "default",
+        },
         link_model_from=link_from,
     )
     return contents, counts

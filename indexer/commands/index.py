@@ -58,6 +58,10 @@ def index_command(
     max_pixels: Annotated[
         int, typer.Option(help="Skip images whose header declares more pixels.")
     ] = 50_000_000,
+    cpu_int8: Annotated[
+        bool,
+        typer.Option("--cpu-int8", help="CPU fast path: int8 dynamic quantisation (opt-in, see README)."),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Embed images and texts with MODEL and publish a bundle under BUNDLES (incremental by default)."""
@@ -82,6 +86,7 @@ def index_command(
                 batch_size=_positive("--batch-size", batch_size),
                 workers=default_workers() if workers is None else _positive("--workers", workers, 0),
                 max_pixels=_positive("--max-pixels", max_pixels),
+                cpu_int8=cpu_int8,
             ),
             device=device,
             keep=_positive("--keep", keep, 0),
