@@ -37,7 +37,11 @@ def make_folder(root: Path, n: int, captions: bool = True) -> Path:
 
 def run_index(model: Path, images: Path | str, bundles: Path, **kw: object) -> ReindexResult:
     """`reindex` in-process with test-friendly defaults (no decode workers, small batches)."""
-    embed = EmbedConfig(batch_size=int(kw.pop("batch_size", 4)), workers=int(kw.pop("workers", 0)))
+    embed = EmbedConfig(
+        batch_size=int(kw.pop("batch_size", 4)),
+        workers=int(kw.pop("workers", 0)),
+        cpu_int8=bool(kw.pop("cpu_int8", False)),
+    )
     index = kw.pop("index", IndexConfig())
     cfg = ReindexConfig(
         model_dir=model, source=SourceSpec(str(images)), bundles_dir=bundles, embed=embed, index=index, **kw

@@ -123,3 +123,23 @@ def test_keep_prunes_old_bundles_but_not_current(tiny_model_dir, tmp_path):
     kept = sorted(p.name for p in bundles.iterdir() if not p.name.startswith(".") and p.is_dir())
     assert kept == names[-2:]
     assert open_bundle(bundles).version == names[-1]
+
+
+def test_int8_fast_path_vectors_never_mix_with_fp32(tiny_model_dir, folder, tmp_path):
+    bundles = tmp_path / "bundles"
+    first = run_index(tiny_model_dir, folder, bundles)
+    b = open_bundle(bundles)
+    fp32 = {i: b.image_index.reconstruct(i) for i in _ids_by_path(bundles).values()}
+    b.close()
+    quant = run_index(tiny_model_dir, folder, bundles, cpu_int8=True, device="cpu")
+    assert quant.embedded == 6, "int8 vectors come from their own cache"
+    b = open_bundle(bundles)
+    assert b.manifest.stats["numerics"] == "int8"
+    b.close()
+    again = run_index(tiny_model_dir, folder, bundles, device="cpu")
+    assert again.embedded == 0 and again.bundle != first.bundle
+    b = open_bundle(bundles)
+    assert b.manifest.stats["numerics"] == "default"
+    for i, v in fp32.items():
+        np.testing.assert_array_equal(b.image_index.reconstruct(i), v)
+    b.close()
