@@ -30,8 +30,8 @@ def main() -> None:
             ctx = ctx.parent
         typer.echo(f"error: {e.format_message()} (see: clipsearch {' '.join([*names, '--help'])})", err=True)
         sys.exit(2)
-    except typer.Abort:
-        typer.echo("error: aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("error: interrupted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
