@@ -99,13 +99,13 @@ def _check_inputs(cfg: ReindexConfig) -> dict[str, Any]:
     return model_cfg
 
 
-def _fingerprint(model_dir: Path, states: FileStates) -> str:
+def _fingerprint(model_dir: Path, states: FileStates, full: bool) -> str:
     """sha256 of the weights, remembered by (size, mtime) so an unchanged model is not hashed again."""
     weights = (model_dir / WEIGHTS_NAME).resolve()
     st = weights.stat()
     key = MODEL_KEY_PREFIX + str(weights)
     old = states.load().get(key)
-    if old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
+    if not full and old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
         return old.sha256
     sha = file_sha256(weights)
     states.put([(key, FileState(st.st_size, st.st_mtime_ns, sha, st.st_size))])
@@ -149,7 +149,7 @@ def _run(cfg: ReindexConfig, dim: int, start: float) -> ReindexResult:
     try:
         scanned = scan(records, states, cfg.full)
         states.retain({r.key for r in records})
-        fingerprint = _fingerprint(cfg.model_dir, states)
+        fingerprint = _fingerprint(cfg.model_dir, states, cfg.full)
     finally:
         states.close()
     checkpoint("scanned", work)
