@@ -143,3 +143,29 @@ def test_int8_fast_path_vectors_never_mix_with_fp32(tiny_model_dir, folder, tmp_
     for i, v in fp32.items():
         np.testing.assert_array_equal(b.image_index.reconstruct(i), v)
     b.close()
+
+
+def _write_shard(path: Path, folder: Path, names: list[str]) -> Path:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            tar.add(folder / f"{name}.png", arcname=f"{name}.png")
+            tar.add(folder / f"{name}.txt", arcname=f"{name}.txt")
+    return path
+
+
+def test_webdataset_shards_are_incremental_too(tiny_model_dir, tmp_path):
+    folder = make_folder(tmp_path / "p", 4)
+    shard = _write_shard(tmp_path / "s.tar", folder, ["img00", "img01", "img02"])
+    bundles = tmp_path / "b"
+    first = run_index(tiny_model_dir, shard, bundles, workers=1)
+    assert (first.images, first.texts, first.embedded) == (3, 3, 3)
+    assert run_index(tiny_model_dir, shard, bundles).embedded == 0
+    _write_shard(shard, folder, ["img00", "img01", "img02", "img03"])  # the shard changed: one new member
+    res = run_index(tiny_model_dir, shard, bundles, workers=1)
+    assert (res.added, res.unchanged, res.embedded) == (1, 3, 1)
+    b = open_bundle(bundles)
+    paths = {it.path for it in b.items.get_many(list(range(20))).values() if it.kind == "image"}
+    assert f"{shard.resolve()}::img03.png" in paths
+    b.close()
