@@ -14,7 +14,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -346,6 +346,9 @@ class BundleContents:
     items: Sequence[Item]
     skipped: Sequence[dict[str, Any]] = ()
     stats: dict[str, Any] | None = None
+    # A published bundle's model dir holding the same weights: its files are hard-linked, not copied
+    # (bundles are immutable, so sharing an inode is safe and saves a copy of the weights per run).
+    link_model_from: Path | None = None
 
 
 def clean_temp(bundles_dir: Path) -> list[str]:
@@ -358,11 +361,14 @@ def clean_temp(bundles_dir: Path) -> list[str]:
     return removed
 
 
-def publish(bundles_dir: Path, contents: BundleContents) -> Path:
+def publish(bundles_dir: Path, contents: BundleContents, hook: Callable[[str], None] | None = None) -> Path:
     """Write a bundle into a temp dir, fsync, verify it as the service would, rename it, flip `CURRENT`.
 
-    A crash at any point leaves the previous bundle current and loadable.
+    A crash at any point leaves the previous bundle current and loadable. `hook(stage)` is called at
+    `publish-written` (verified temp dir) and `publish-renamed` (renamed, CURRENT not yet flipped),
+    which the crash tests use to stop the process there.
     """
+    hook = hook or (lambda stage: None)
     bundles_dir = Path(bundles_dir)
     bundles_dir.mkdir(parents=True, exist_ok=True)
     version = new_version()
@@ -371,12 +377,14 @@ def publish(bundles_dir: Path, contents: BundleContents) -> Path:
     try:
         _write_contents(tmp, version, contents)
         open_bundle_dir(tmp).close()
+        hook("publish-written")
         final = bundles_dir / version
         os.rename(tmp, final)
         _fsync_dir(bundles_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    hook("publish-renamed")
     set_current(bundles_dir, version)
     return final
 
@@ -390,11 +398,24 @@ def set_current(bundles_dir: Path, version: str) -> None:
     _fsync_dir(Path(bundles_dir))
 
 
+def _copy_or_link(src: Path, dst: Path, link_dir: Path | None) -> None:
+    linked = link_dir / src.name if link_dir is not None else None
+    if linked is not None and linked.is_file() and linked.stat().st_size == src.stat().st_size:
+        same = src.name == WEIGHTS_NAME or linked.read_bytes() == src.read_bytes()
+        if same:
+            try:
+                os.link(linked, dst)
+                return
+            except OSError:
+                pass  # another filesystem, or links unsupported: copy instead
+    shutil.copyfile(src, dst)
+
+
 def _write_contents(tmp: Path, version: str, c: BundleContents) -> None:
     model_out = tmp / MODEL_DIR
     model_out.mkdir()
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copyfile(c.model_dir / name, model_out / name)
+        _copy_or_link(c.model_dir / name, model_out / name, c.link_model_from)
     faiss.write_index(c.image_index, str(tmp / c.images.file))
     faiss.write_index(c.text_index, str(tmp / c.texts.file))
     write_items(tmp / ITEMS_DB, c.items)
