@@ -1,0 +1,446 @@
+"""`train(TrainConfig)`: the contrastive training loop with evaluation, checkpoints, resume, time budget."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from indexer.checkpoint import CHECKPOINT_DIR, Progress, load_checkpoint, save_checkpoint
+from indexer.curves import MetricsLog, plot_curves
+from indexer.data import read_records
+from indexer.errors import ClipsearchError
+from indexer.evaluate import pairs_from_captions, retrieval_metrics, val_score
+from indexer.loss import clamp_logit_scale, contrastive_loss, make_loss
+from indexer.model import resolve_device, save_model_dir
+from indexer.optim import count_params, lr_at, make_optimizer, set_lr
+from indexer.train_config import CONFIG_FILE, TrainConfig, config_to_dict
+from indexer.train_data import (
+    CachedSplit,
+    DatasetError,
+    PixelPipeline,
+    build_split,
+    random_crop_batch,
+    trim_tokens,
+)
+from indexer.train_setup import BuiltModel, build_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 10
+EVAL_BATCH = 512
+
+
+class TrainingDiverged(ClipsearchError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    """How a run ended: `status` is `finished`, `time_budget` or `interrupted`."""
+
+    status: str
+    run_dir: Path
+    progress: Progress
+    best_val: dict[str, Any] | None
+
+
+@dataclass
+class _Run:
+    """Everything the loop mutates, in one place."""
+
+    cfg: TrainConfig
+    built: BuiltModel
+    pipeline: PixelPipeline
+    train: CachedSplit
+    val: CachedSplit | None
+    optimizer: torch.optim.AdamW
+    loss_fn: torch.nn.Module
+    device: torch.device
+    generator: torch.Generator
+    progress: Progress
+    log: MetricsLog
+    steps_per_epoch: int
+    total_steps: int | None
+    scaler: Any = None  # torch.amp.GradScaler; enabled only for fp16 (`amp`) on CUDA
+    best_val: dict[str, Any] | None = None
+    stop_signal: str | None = None
+
+
+def autocast_for(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """Mixed precision as asked; `auto` is bf16 autocast on CUDA and plain fp32 on CPU."""
+    if precision == "auto":
+        precision = "amp_bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _load_split(source: Any, built: BuiltModel, pipeline: PixelPipeline, what: str, workers: int | None):
+    records = read_records(source)
+    if not records:
+        raise DatasetError(f"{what} set {source.source} is empty")
+    split = build_split(
+        records, pipeline, built.tokenizer, f"{what} set {source.source}", workers, trim=built.trims_tokens
+    )
+    log.info(
+        "%s: %d images, %d pairs, %d bad rows skipped", what, len(split.pixels), split.n_pairs, split.n_bad
+    )
+    return split
+
+
+def _setup(cfg: TrainConfig, resume: bool) -> _Run:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    built = build_model(cfg.model, cfg.loss, device)
+    pipeline = PixelPipeline.from_preprocess(built.preprocess, built.image_size)
+    train = _load_split(cfg.train, built, pipeline, "train", cfg.workers)
+    if train.n_pairs < 2:
+        raise DatasetError(
+            f"train set {cfg.train.source} has {train.n_pairs} pair(s); contrastive training needs 2"
+        )
+    val = _load_split(cfg.val, built, pipeline, "val", cfg.workers) if cfg.val else None
+    if val is not None and len(val.pixels) < 2:
+        raise DatasetError(f"val set {cfg.val.source} has {len(val.pixels)} image; recall needs at least 2")  # type: ignore[union-attr]
+    optimizer = make_optimizer(
+        built.model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps
+    )
+    micro = min(cfg.optim.batch_size, train.n_pairs)
+    steps_per_epoch = max(1, train.n_pairs // (micro * cfg.optim.accum_steps))
+    epochs = cfg.epochs or (None if cfg.time_budget_min else DEFAULT_EPOCHS)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    progress = Progress()
+    if resume:
+        progress, rng = load_checkpoint(cfg.out, built.model, optimizer)
+        generator.set_state(rng)
+    return _Run(
+        cfg=cfg,
+        built=built,
+        pipeline=pipeline,
+        train=train,
+        val=val,
+        optimizer=optimizer,
+        loss_fn=make_loss(cfg.loss),
+        device=device,
+        generator=generator,
+        progress=progress,
+        log=MetricsLog(cfg.out / "metrics.jsonl"),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=epochs * steps_per_epoch if epochs else None,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp" and device.type == "cuda"),
+    )
+
+
+def _write_config(run: _Run) -> None:
+    trainable, total = count_params(run.built.model)
+    resolved = {
+        "config": config_to_dict(run.cfg),
+        "resolved": {
+            "model_name": run.built.name,
+            "model_cfg": run.built.model_cfg,
+            "device": str(run.device),
+            "train_images": len(run.train.pixels),
+            "train_pairs": run.train.n_pairs,
+            "val_images": len(run.val.pixels) if run.val else 0,
+            "context_length_used": run.train.tokens.shape[1],
+            "steps_per_epoch": run.steps_per_epoch,
+            "total_steps": run.total_steps,
+            "trainable_params": trainable,
+            "total_params": total,
+            "torch": torch.__version__,
+        },
+    }
+    (run.cfg.out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
+
+
+def _batches(run: _Run, epoch: int) -> Iterator[torch.Tensor]:
+    """Pair indices of each micro-batch of an epoch: a fixed permutation per (seed, epoch), so resume
+    can skip the batches already done."""
+    perm = torch.randperm(
+        run.train.n_pairs, generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch)
+    )
+    micro = min(run.cfg.optim.batch_size, run.train.n_pairs)
+    for s in range(run.steps_per_epoch):
+        step_idx = perm[s * micro * run.cfg.optim.accum_steps : (s + 1) * micro * run.cfg.optim.accum_steps]
+        yield step_idx
+
+
+def _features(run: _Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = run.train.pixels[run.train.pair_image[idx]]
+    pixels = run.pipeline.normalise(random_crop_batch(pixels.float(), run.generator, run.cfg.crop_scale))
+    pixels = pixels.to(run.device, non_blocking=True)
+    tokens = run.train.tokens[idx].to(run.device, non_blocking=True)
+    with autocast_for(run.cfg.precision, run.device):
+        image_emb = run.built.model.encode_image(pixels, normalize=True)
+        text_emb = run.built.model.encode_text(tokens, normalize=True)
+    return image_emb.float(), text_emb.float()
+
+
+def _loss(run: _Run, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    model = run.built.model
+    bias = getattr(model, "logit_bias", None)
+    return contrastive_loss(run.loss_fn, image_emb, text_emb, model.logit_scale.exp(), bias)
+
+
+def _train_step(run: _Run, idx: torch.Tensor) -> float:
+    """One optimizer step over `accum_steps` micro-batches.
+
+    With accumulation the loss is computed over the whole effective batch, as open_clip_train does:
+    features of every micro-batch are first computed without gradients, then each micro-batch is run
+    again with gradients and its features swapped into the full set."""
+    chunks = idx.chunk(run.cfg.optim.accum_steps)
+    run.optimizer.zero_grad(set_to_none=True)
+    if len(chunks) == 1:
+        loss = _loss(run, *_features(run, idx))
+        _check_finite(run, loss)
+        run.scaler.scale(loss).backward()
+    else:
+        state = run.generator.get_state()
+        with torch.no_grad():
+            cached = [_features(run, c) for c in chunks]
+        run.generator.set_state(state)  # the same crops again in the gradient pass
+        for j, c in enumerate(chunks):
+            img, txt = _features(run, c)
+            all_img = torch.cat([img if k == j else cached[k][0] for k in range(len(chunks))])
+            all_txt = torch.cat([txt if k == j else cached[k][1] for k in range(len(chunks))])
+            loss = _loss(run, all_img, all_txt)
+            _check_finite(run, loss)
+            run.scaler.scale(loss).backward()
+    if run.cfg.optim.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.built.model.parameters(), run.cfg.optim.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    clamp_logit_scale(run.built.model)
+    return float(loss.detach())
+
+
+def _check_finite(run: _Run, loss: torch.Tensor) -> None:
+    if not math.isfinite(float(loss.detach())):
+        raise TrainingDiverged(
+            f"loss became {float(loss.detach())} at step {run.progress.step}: training diverged (try a lower --lr or "
+            f"--precision fp32); the last good checkpoint is kept in {run.cfg.out}"
+        )
+
+
+@torch.no_grad()
+def validate(run: _Run) -> dict[str, Any]:
+    """Retrieval metrics of the current model on the cached val set."""
+    assert run.val is not None
+    model = run.built.model
+    was_training = model.training
+    model.eval()
+    pairs = pairs_from_captions(run.val.captions)
+    tokens = run.built.tokenizer(list(pairs.texts))
+    tokens = trim_tokens(tokens) if run.built.trims_tokens else tokens
+    with autocast_for(run.cfg.precision, run.device):
+        image_emb = torch.cat(
+            [
+                model.encode_image(
+                    run.pipeline.normalise(run.val.pixels[s : s + EVAL_BATCH]).to(run.device), normalize=True
+                )
+                for s in range(0, len(run.val.pixels), EVAL_BATCH)
+            ]
+        )
+        text_emb = torch.cat(
+            [
+                model.encode_text(tokens[s : s + EVAL_BATCH].to(run.device), normalize=True)
+                for s in range(0, len(tokens), EVAL_BATCH)
+            ]
+        )
+    model.train(was_training)
+    return retrieval_metrics(image_emb.float().cpu().numpy(), text_emb.float().cpu().numpy(), pairs)
+
+
+def _evaluate(run: _Run) -> None:
+    """Validate, log, and save `model/` when the validation score is the best so far."""
+    metrics = validate(run)
+    score = val_score(metrics)
+    p = run.progress
+    flat = {f"t2i_{k}": v for k, v in metrics["text_to_image"].items()}
+    flat |= {f"i2t_{k}": v for k, v in metrics["image_to_text"].items()}
+    run.log.write(
+        {"kind": "val", "step": p.step, "epoch": p.epoch, "score": score, "n": metrics["n"], **flat}
+    )
+    p.extra["last_eval_step"] = p.step
+    if score > p.best_score:
+        p.best_score, p.best_step = score, p.step
+        run.best_val = metrics
+        p.extra["best_val"] = metrics
+        save_model_dir(run.built.model, run.built.model_cfg, run.cfg.out / "model")
+    log.info(
+        "step %d val: t2i R@10 %.3f, i2t R@10 %.3f (best %.3f at step %d)",
+        p.step,
+        metrics["text_to_image"]["R@10"],
+        metrics["image_to_text"]["R@10"],
+        p.best_score,
+        p.best_step,
+    )
+
+
+def _save(run: _Run) -> None:
+    save_checkpoint(run.cfg.out, run.built.model, run.optimizer, run.progress, run.generator.get_state())
+
+
+@contextmanager
+def _stop_on_signals(run: _Run) -> Iterator[None]:
+    """Ctrl-C and SIGTERM ask the loop to stop after the current step and save a resumable checkpoint."""
+
+    def ask_stop(signum: int, _frame: Any) -> None:
+        run.stop_signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, ask_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class _Clock:
+    """Wall-clock of the run, continued across resumes, and the time to keep for the final save."""
+
+    def __init__(self, run: _Run) -> None:
+        self.start = time.monotonic() - run.progress.elapsed_s
+        self.budget_s = run.cfg.time_budget_min * 60 if run.cfg.time_budget_min else None
+        self.reserve_s = 2.0
+        self.last_checkpoint = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def fraction(self, run: _Run) -> float:
+        if self.budget_s:
+            return self.elapsed() / self.budget_s
+        return run.progress.step / max(1, run.total_steps or 1)
+
+    def spent(self) -> bool:
+        return self.budget_s is not None and self.elapsed() + self.reserve_s >= self.budget_s
+
+    def timed(self, fn: Any, run: _Run) -> None:
+        t0 = time.monotonic()
+        fn(run)
+        self.reserve_s = max(self.reserve_s, 1.5 * (time.monotonic() - t0) + 1.0)
+
+
+def _progress_bar(run: _Run, clock: _Clock) -> tqdm:
+    if clock.budget_s:
+        return tqdm(
+            total=round(clock.budget_s),
+            initial=round(clock.elapsed()),
+            unit="s",
+            disable=not run.cfg.progress,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]",
+        )
+    return tqdm(total=run.total_steps, initial=run.progress.step, unit="step", disable=not run.cfg.progress)
+
+
+def _log_step(run: _Run, loss: float, lr: float, window: list[float], bar: tqdm, clock: _Clock) -> None:
+    p = run.progress
+    samples_per_s = window[1] / max(1e-9, time.monotonic() - window[0])
+    bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{samples_per_s:.0f}", epoch=p.epoch, refresh=False)
+    bar.update(round(clock.elapsed()) - bar.n if clock.budget_s else 1)
+    if p.step % run.cfg.log_every == 0:
+        scale = float(run.built.model.logit_scale.exp())
+        run.log.write(
+            {
+                "kind": "train",
+                "step": p.step,
+                "epoch": p.epoch,
+                "loss": loss,
+                "lr": lr,
+                "logit_scale": scale,
+                "samples_per_s": samples_per_s,
+                "elapsed_s": clock.elapsed(),
+            }
+        )
+        window[:] = [time.monotonic(), 0.0]
+
+
+def _run_epoch(run: _Run, clock: _Clock, bar: tqdm) -> str | None:
+    """Train until the epoch ends (None) or the run must stop (its status)."""
+    p, window = run.progress, [time.monotonic(), 0.0]
+    for s, idx in enumerate(_batches(run, p.epoch)):
+        if s < p.step_in_epoch:
+            continue
+        if run.stop_signal:
+            return "interrupted"
+        if clock.spent():
+            return "time_budget"
+        if run.total_steps is not None and p.step >= run.total_steps:
+            return "finished"
+        lr = lr_at(clock.fraction(run), run.cfg.optim.lr, run.cfg.optim.warmup)
+        set_lr(run.optimizer, lr)
+        loss = _train_step(run, idx)
+        p.step, p.step_in_epoch, p.samples = p.step + 1, s + 1, p.samples + len(idx)
+        p.elapsed_s = clock.elapsed()
+        window[1] += len(idx)
+        _log_step(run, loss, lr, window, bar, clock)
+        if time.monotonic() - clock.last_checkpoint > run.cfg.checkpoint_every_min * 60:
+            _save(run)
+            clock.last_checkpoint = time.monotonic()
+    return None
+
+
+def _loop(run: _Run) -> str:
+    clock = _Clock(run)
+    with _progress_bar(run, clock) as bar:
+        while True:
+            status = _run_epoch(run, clock, bar)
+            if status is not None:
+                return status
+            run.progress.epoch, run.progress.step_in_epoch = run.progress.epoch + 1, 0
+            if run.val is not None:
+                clock.timed(_evaluate, run)
+            if run.total_steps is not None and run.progress.step >= run.total_steps:
+                return "finished"
+
+
+def _finish(run: _Run, status: str) -> None:
+    p = run.progress
+    if status != "interrupted" and run.val is not None and p.extra.get("last_eval_step") != p.step:
+        _evaluate(run)
+    if run.val is None:
+        save_model_dir(run.built.model, run.built.model_cfg, run.cfg.out / "model")
+    p.finished = status != "interrupted"
+    _save(run)
+    plot_curves(run.cfg.out / "metrics.jsonl", run.cfg.out / "curves.png")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
+    """Train as `cfg` says (continuing the checkpoint in `cfg.out` when `resume`), and return how it ended.
+
+    Raises:
+        ClipsearchError: bad data, options or model; TrainingDiverged on a NaN loss.
+    """
+    cfg = cfg.validate()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if not resume and (cfg.out / CHECKPOINT_DIR).exists():
+        raise ClipsearchError(f"{cfg.out} already holds a run; continue it with --resume or pick a new --out")
+    run = _setup(cfg, resume)
+    if run.progress.finished:
+        log.info("%s: the run already finished; nothing to do", cfg.out)
+        return RunResult("finished", cfg.out, run.progress, run.progress.extra.get("best_val"))
+    run.best_val = run.progress.extra.get("best_val")
+    _write_config(run)
+    with _stop_on_signals(run):
+        try:
+            status = _loop(run)
+        except TrainingDiverged:
+            plot_curves(cfg.out / "metrics.jsonl", cfg.out / "curves.png")
+            raise
+        _finish(run, status)
+    return RunResult(status, cfg.out, run.progress, run.best_val)

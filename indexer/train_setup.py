@@ -1,0 +1,95 @@
+"""Build the model a run trains: architecture from `--model`, weights from `--pretrained`, towers locked."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from indexer.loss import model_kwargs_for_loss
+from indexer.model import CONFIG_NAME, WEIGHTS_NAME, ModelError, model_config, resolve_model_name
+from indexer.optim import lock_towers
+from indexer.train_config import ModelSpec
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "small"
+
+
+@dataclass
+class BuiltModel:
+    """A model ready to train, with what is needed to save it and to feed it."""
+
+    model: Any
+    name: str  # resolved open_clip name
+    model_cfg: dict[str, Any]  # saved as `model_cfg` in open_clip_config.json
+    preprocess: Any  # open_clip's eval transform; its geometry is applied once, at caching
+    tokenizer: Any
+    image_size: int
+
+    @property
+    def trims_tokens(self) -> bool:
+        """Whether trailing padding columns may be cut from token batches (a speed-up, exact).
+
+        Only separate text towers (`CustomTextCLIP`: open_clip's TextTransformer slices its positional
+        embedding and mask; HF towers mask padding); the built-in CLIP text path needs full length."""
+        return isinstance(self.model, open_clip.CustomTextCLIP)
+
+
+def _is_model_dir(spec: str | None) -> bool:
+    return spec is not None and Path(spec).is_dir() and (Path(spec) / CONFIG_NAME).is_file()
+
+
+def _architecture(spec: ModelSpec) -> str:
+    if spec.model:
+        return resolve_model_name(spec.model)
+    if _is_model_dir(spec.pretrained):  # fine-tuning an earlier run keeps its architecture
+        return resolve_model_name(str(spec.pretrained))
+    return resolve_model_name(DEFAULT_MODEL)
+
+
+def _load_pretrained(model: torch.nn.Module, pretrained: str) -> None:
+    path = Path(pretrained)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    if path.is_dir() and not weights.is_file():
+        raise ModelError(f"--pretrained {pretrained}: a directory without {WEIGHTS_NAME}")
+    try:
+        open_clip.load_checkpoint(model, str(weights), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"--pretrained {pretrained} does not fit this architecture ({first})") from e
+
+
+def build_model(spec: ModelSpec, loss: str, device: torch.device) -> BuiltModel:
+    """Create (and possibly load and lock) the model; any error a user can fix is a ModelError."""
+    name = _architecture(spec)
+    extra = model_kwargs_for_loss(loss)
+    is_file = spec.pretrained is not None and (Path(spec.pretrained).exists())
+    tag = spec.pretrained if spec.pretrained and not is_file else None
+    if tag and name.startswith(open_clip.factory.LOCAL_DIR_PREFIX):
+        raise ModelError(f"--pretrained {tag}: not a file or model dir (a tag needs an open_clip --model)")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, **extra)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ModelError(f"cannot build model {name!r}: {str(e).splitlines()[0] if str(e) else e}") from e
+    if spec.pretrained and is_file:
+        _load_pretrained(model, spec.pretrained)
+    lock_towers(model, spec.lock_image, spec.lock_text, spec.unlocked_layers)
+    model_cfg = dict(model_config(name))
+    model_cfg.update({k: v for k, v in extra.items() if k == "init_logit_bias"})
+    return BuiltModel(
+        model=model.to(device),
+        name=name,
+        model_cfg=model_cfg,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        image_size=_image_size(model),
+    )
+
+
+def _image_size(model: Any) -> int:
+    size = getattr(model.visual, "image_size", None) or model.visual.preprocess_cfg.get("size", 224)
+    return int(size[0] if isinstance(size, list | tuple) else size)
