@@ -40,7 +40,7 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global L2 norm of the gradients; 0 disables clipping
-    batch_size: int = 256
+    batch_size: int = 128
     accum_steps: int = 1  # micro-batches per optimizer step; the loss sees all of them at once
 
 

@@ -30,13 +30,22 @@ class BuiltModel:
     tokenizer: Any
     image_size: int
 
-    @property
-    def trims_tokens(self) -> bool:
-        """Whether trailing padding columns may be cut from token batches (a speed-up, exact).
+    def shorten_context(self, length: int) -> int:
+        """Let the text tower run on `length` tokens instead of its full context; returns the length used.
 
-        Only separate text towers (`CustomTextCLIP`: open_clip's TextTransformer slices its positional
-        embedding and mask; HF towers mask padding); the built-in CLIP text path needs full length."""
-        return isinstance(self.model, open_clip.CustomTextCLIP)
+        Exact, and a large saving when captions are short: trailing columns are padding after the
+        end-of-text token, which a causal tower never attends to from there (HF towers mask padding).
+        Only separate text towers (`CustomTextCLIP`) slice their positional embedding; their causal mask
+        is a non-persistent buffer, so this never reaches the saved model. Other models keep the full
+        context.
+        """
+        text = getattr(self.model, "text", None)
+        if not isinstance(self.model, open_clip.CustomTextCLIP) or text is None:
+            return int(self.model.context_length)
+        mask = getattr(text, "attn_mask", None)
+        if isinstance(mask, torch.Tensor) and mask.shape[0] > length:
+            text.attn_mask = mask[:length, :length].contiguous()
+        return length
 
 
 def _is_model_dir(spec: str | None) -> bool:
