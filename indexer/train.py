@@ -23,7 +23,7 @@ from indexer.data import read_records
 from indexer.errors import ClipsearchError
 from indexer.evaluate import Pairs, pairs_from_captions, retrieval_metrics, val_score
 from indexer.loss import clamp_logit_scale, contrastive_loss, make_loss
-from indexer.model import resolve_device, save_model_dir
+from indexer.model import resolve_device
 from indexer.optim import count_params, lr_at, make_optimizer, set_lr
 from indexer.train_config import CONFIG_FILE, TrainConfig, config_to_dict
 from indexer.train_data import (
@@ -35,7 +35,7 @@ from indexer.train_data import (
     random_crop_batch,
     used_length,
 )
-from indexer.train_setup import BuiltModel, build_model
+from indexer.train_setup import BuiltModel, build_model, save_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,7 @@ def _train_step(run: _Run, idx: torch.Tensor) -> float:
             loss = _loss(run, all_img, all_txt)
             _check_finite(run, loss)
             run.scaler.scale(loss).backward()
+        _average_shared_grads(run.built.model, len(chunks))
     if run.cfg.optim.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.built.model.parameters(), run.cfg.optim.grad_clip)
@@ -257,6 +258,15 @@ def _train_step(run: _Run, idx: torch.Tensor) -> float:
     run.scaler.update()
     clamp_logit_scale(run.built.model)
     return float(loss.detach())
+
+
+def _average_shared_grads(model: torch.nn.Module, n: int) -> None:
+    """logit_scale/bias take part in every micro-batch's full-batch loss, so their gradient was summed n
+    times; scaled back, the step equals one full-batch step (open_clip_train leaves it n times larger)."""
+    for name in ("logit_scale", "logit_bias"):
+        p = getattr(model, name, None)
+        if isinstance(p, torch.Tensor) and p.grad is not None:
+            p.grad /= n
 
 
 def _check_finite(run: _Run, loss: torch.Tensor) -> None:
@@ -311,7 +321,7 @@ def _evaluate(run: _Run) -> None:
         p.best_score, p.best_step = score, p.step
         run.best_val = metrics
         p.extra["best_val"] = metrics
-        save_model_dir(run.built.model, run.built.model_cfg, run.cfg.out / "model")
+        save_trained_model(run.built, run.cfg.out / "model")
     log.info(
         "step %d val: t2i R@10 %.3f, i2t R@10 %.3f (best %.3f at step %d)",
         p.step,
@@ -457,7 +467,7 @@ def _finish(run: _Run, status: str) -> None:
     if status != "interrupted" and run.val is not None and p.extra.get("last_eval_step") != p.step:
         _evaluate(run)
     if run.val is None:
-        save_model_dir(run.built.model, run.built.model_cfg, run.cfg.out / "model")
+        save_trained_model(run.built, run.cfg.out / "model")
     p.finished = status != "interrupted"
     _save(run)
     plot_curves(run.cfg.out / "metrics.jsonl", run.cfg.out / "curves.png")

@@ -72,6 +72,8 @@ class TrainConfig:
             raise ConfigError("--epochs must be at least 1")
         if self.time_budget_min is not None and self.time_budget_min <= 0:
             raise ConfigError("--time-budget must be a positive number of minutes")
+        if self.loss not in ("clip", "siglip"):
+            raise ConfigError(f"unknown loss {self.loss!r}: use clip or siglip")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.optim.batch_size < 2 or self.optim.accum_steps < 1:

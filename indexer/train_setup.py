@@ -11,7 +11,14 @@ import open_clip
 import torch
 
 from indexer.loss import model_kwargs_for_loss
-from indexer.model import CONFIG_NAME, WEIGHTS_NAME, ModelError, model_config, resolve_model_name
+from indexer.model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelError,
+    model_config,
+    resolve_model_name,
+    save_model_dir,
+)
 from indexer.optim import lock_towers
 from indexer.train_config import ModelSpec
 
@@ -46,6 +53,21 @@ class BuiltModel:
         if isinstance(mask, torch.Tensor) and mask.shape[0] > length:
             text.attn_mask = mask[:length, :length].contiguous()
         return length
+
+
+def save_trained_model(built: BuiltModel, out_dir: Path) -> Path:
+    """`save_model_dir`, plus the tokenizer files of a Hugging Face text tower.
+
+    open_clip's `local-dir:` loader reads an HF tokenizer from the model dir itself, so a model dir
+    without them would not load with plain `open_clip.get_tokenizer("local-dir:...")`.
+    """
+    save_model_dir(built.model, built.model_cfg, out_dir)
+    hf_tokenizer = getattr(built.tokenizer, "tokenizer", None)
+    if built.model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") and hasattr(
+        hf_tokenizer, "save_pretrained"
+    ):
+        hf_tokenizer.save_pretrained(str(out_dir))
+    return out_dir
 
 
 def _is_model_dir(spec: str | None) -> bool:
