@@ -47,6 +47,7 @@ from indexer.train_setup import BuiltModel, build_model, save_trained_model
 log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 10
+MIN_WARMUP_STEPS = 50
 EVAL_BATCH = 512
 
 
@@ -447,7 +448,11 @@ def _run_epoch(run: _Run, clock: _Clock, bar: tqdm) -> str | None:
             return "time_budget"
         if run.total_steps is not None and p.step >= run.total_steps:
             return "finished"
-        lr = lr_at(clock.fraction(run), run.cfg.optim.lr, run.cfg.optim.warmup)
+        # Warm up over the schedule's fraction of the run, but never over fewer than MIN_WARMUP_STEPS:
+        # a time budget on a slow machine can leave 5% of it a handful of steps, and a transformer
+        # trained from scratch collapses (all embeddings alike, loss stuck at ln(batch)) without warmup.
+        ramp = min(1.0, (p.step + 1) / MIN_WARMUP_STEPS)
+        lr = lr_at(clock.fraction(run), run.cfg.optim.lr, run.cfg.optim.warmup) * ramp
         set_lr(run.optimizer, lr)
         started = time.monotonic()
         loss = _train_step(run, idx)
