@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -13,40 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from indexer.checkpoint import (
-    CHECKPOINT_DIR,
-    Progress,
-    load_model_state,
-    load_optimizer_state,
-    save_checkpoint,
-)
-from indexer.compact_embedding import compact_token_embedding, full_token_embedding
-from indexer.curves import MetricsLog, plot_curves
-from indexer.data import read_records
+from indexer.checkpoint import CHECKPOINT_DIR, Progress, save_checkpoint
+from indexer.compact_embedding import full_token_embedding
+from indexer.curves import plot_curves
 from indexer.errors import ClipsearchError
-from indexer.evaluate import Pairs, pairs_from_captions, retrieval_metrics, val_score
-from indexer.loss import clamp_logit_scale, contrastive_loss, make_loss
-from indexer.model import resolve_device
-from indexer.optim import count_params, lr_at, make_optimizer, set_lr
-from indexer.train_config import CONFIG_FILE, TrainConfig, config_to_dict
-from indexer.train_data import (
-    CachedSplit,
-    DatasetError,
-    PixelPipeline,
-    build_split,
-    pad_id,
-    random_crop_batch,
-    used_length,
-)
-from indexer.train_setup import BuiltModel, build_model, save_trained_model
+from indexer.evaluate import retrieval_metrics, val_score
+from indexer.loss import clamp_logit_scale, contrastive_loss
+from indexer.optim import lr_at, set_lr
+from indexer.train_config import TrainConfig
+from indexer.train_data import random_crop_batch
+from indexer.train_run import Run, setup_run, write_run_config
+from indexer.train_setup import save_trained_model
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPOCHS = 10
 MIN_WARMUP_STEPS = 50
 EVAL_BATCH = 512
 
@@ -65,31 +47,6 @@ class RunResult:
     best_val: dict[str, Any] | None
 
 
-@dataclass
-class _Run:
-    """Everything the loop mutates, in one place."""
-
-    cfg: TrainConfig
-    built: BuiltModel
-    pipeline: PixelPipeline
-    train: CachedSplit
-    val: CachedSplit | None
-    optimizer: torch.optim.AdamW
-    loss_fn: torch.nn.Module
-    device: torch.device
-    generator: torch.Generator
-    progress: Progress
-    log: MetricsLog
-    steps_per_epoch: int
-    total_steps: int | None
-    val_pairs: Pairs | None = None
-    val_tokens: torch.Tensor | None = None  # tokens of val_pairs.texts
-    min_warmup_steps: int = 0
-    scaler: Any = None  # torch.amp.GradScaler; enabled only for fp16 (`amp`) on CUDA
-    best_val: dict[str, Any] | None = None
-    stop_signal: str | None = None
-
-
 def autocast_for(precision: str, device: torch.device) -> AbstractContextManager[Any]:
     """Mixed precision as asked; `auto` is bf16 autocast on CUDA and plain fp32 on CPU."""
     if precision == "auto":
@@ -100,122 +57,7 @@ def autocast_for(precision: str, device: torch.device) -> AbstractContextManager
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _load_split(source: Any, built: BuiltModel, pipeline: PixelPipeline, what: str, workers: int | None):
-    records = read_records(source)
-    if not records:
-        raise DatasetError(f"{what} set {source.source} is empty")
-    split = build_split(records, pipeline, built.tokenizer, f"{what} set {source.source}", workers)
-    log.info(
-        "%s: %d images, %d pairs, %d bad rows skipped", what, len(split.pixels), split.n_pairs, split.n_bad
-    )
-    return split
-
-
-@dataclass
-class _Data:
-    train: CachedSplit
-    val: CachedSplit | None
-    val_pairs: Pairs | None
-    val_tokens: torch.Tensor | None
-
-
-def _load_data(cfg: TrainConfig, built: BuiltModel, pipeline: PixelPipeline) -> _Data:
-    """Decode and tokenize train and val once; cut token columns no caption uses."""
-    train = _load_split(cfg.train, built, pipeline, "train", cfg.workers)
-    if train.n_pairs < 2:
-        raise DatasetError(
-            f"train set {cfg.train.source} has {train.n_pairs} pair; contrastive training needs 2"
-        )
-    val = val_pairs = val_tokens = None
-    if cfg.val is not None:
-        val = _load_split(cfg.val, built, pipeline, "val", cfg.workers)
-        if len(val.pixels) < 2:
-            raise DatasetError(
-                f"val set {cfg.val.source} has {len(val.pixels)} image; recall needs at least 2"
-            )
-        val_pairs = pairs_from_captions(val.captions)
-        val_tokens = built.tokenizer(list(val_pairs.texts))
-    pad = pad_id(built.tokenizer)
-    needed = max(
-        used_length(train.tokens, pad), used_length(val_tokens, pad) if val_tokens is not None else 1
-    )
-    length = built.shorten_context(needed)
-    train.tokens = train.tokens[:, :length].contiguous()
-    val_tokens = val_tokens[:, :length].contiguous() if val_tokens is not None else None
-    return _Data(train, val, val_pairs, val_tokens)
-
-
-def _setup(cfg: TrainConfig, resume: bool) -> _Run:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    built = build_model(cfg.model, cfg.loss, device)
-    pipeline = PixelPipeline.from_preprocess(built.preprocess, built.image_size)
-    data = _load_data(cfg, built, pipeline)
-    if resume:
-        load_model_state(cfg.out, built.model)
-    seen = [data.train.tokens.flatten()] + (
-        [data.val_tokens.flatten()] if data.val_tokens is not None else []
-    )
-    compact_token_embedding(built.model, torch.cat(seen))
-    o = cfg.optim
-    optimizer = make_optimizer(built.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
-    micro = min(o.batch_size, data.train.n_pairs)
-    steps_per_epoch = max(1, data.train.n_pairs // (micro * o.accum_steps))
-    epochs = cfg.epochs or (None if cfg.time_budget_min else DEFAULT_EPOCHS)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    progress = Progress()
-    if resume:
-        progress, rng = load_optimizer_state(cfg.out, optimizer)
-        generator.set_state(rng)
-    return _Run(
-        cfg=cfg,
-        built=built,
-        pipeline=pipeline,
-        train=data.train,
-        val=data.val,
-        val_pairs=data.val_pairs,
-        val_tokens=data.val_tokens,
-        optimizer=optimizer,
-        loss_fn=make_loss(cfg.loss),
-        device=device,
-        generator=generator,
-        progress=progress,
-        log=MetricsLog(cfg.out / "metrics.jsonl"),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=epochs * steps_per_epoch if epochs else None,
-        min_warmup_steps=MIN_WARMUP_STEPS
-        if not epochs
-        else min(MIN_WARMUP_STEPS, epochs * steps_per_epoch // 5),
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp" and device.type == "cuda"),
-    )
-
-
-def _write_config(run: _Run) -> None:
-    trainable, total = count_params(run.built.model)
-    resolved = {
-        "config": config_to_dict(run.cfg),
-        "resolved": {
-            "model_name": run.built.name,
-            "model_cfg": run.built.model_cfg,
-            "device": str(run.device),
-            "train_images": len(run.train.pixels),
-            "train_pairs": run.train.n_pairs,
-            "train_bad_rows": run.train.n_bad,
-            "val_bad_rows": run.val.n_bad if run.val else 0,
-            "val_images": len(run.val.pixels) if run.val else 0,
-            "context_length_used": run.train.tokens.shape[1],
-            "steps_per_epoch": run.steps_per_epoch,
-            "total_steps": run.total_steps,
-            "trainable_params": trainable,
-            "total_params": total,
-            "torch": torch.__version__,
-        },
-    }
-    (run.cfg.out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
-
-
-def _batches(run: _Run, epoch: int) -> Iterator[torch.Tensor]:
+def _batches(run: Run, epoch: int) -> Iterator[torch.Tensor]:
     """Pair indices of each micro-batch of an epoch: a fixed permutation per (seed, epoch), so resume
     can skip the batches already done."""
     perm = torch.randperm(
@@ -227,7 +69,7 @@ def _batches(run: _Run, epoch: int) -> Iterator[torch.Tensor]:
         yield step_idx
 
 
-def _features(run: _Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = run.train.pixels[run.train.pair_image[idx]]
     pixels = run.pipeline.normalise(random_crop_batch(pixels.float(), run.generator, run.cfg.crop_scale))
     pixels = pixels.to(run.device, non_blocking=True)
@@ -238,13 +80,13 @@ def _features(run: _Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return image_emb.float(), text_emb.float()
 
 
-def _loss(run: _Run, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+def _loss(run: Run, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     model = run.built.model
     bias = getattr(model, "logit_bias", None)
     return contrastive_loss(run.loss_fn, image_emb, text_emb, model.logit_scale.exp(), bias)
 
 
-def _train_step(run: _Run, idx: torch.Tensor) -> float:
+def _train_step(run: Run, idx: torch.Tensor) -> float:
     """One optimizer step over `accum_steps` micro-batches.
 
     With accumulation the loss is computed over the whole effective batch, as open_clip_train does:
@@ -287,7 +129,7 @@ def _average_shared_grads(model: torch.nn.Module, n: int) -> None:
             p.grad /= n
 
 
-def _check_finite(run: _Run, loss: torch.Tensor) -> None:
+def _check_finite(run: Run, loss: torch.Tensor) -> None:
     if not math.isfinite(float(loss.detach())):
         raise TrainingDiverged(
             f"loss became {float(loss.detach())} at step {run.progress.step}: training diverged "
@@ -297,7 +139,7 @@ def _check_finite(run: _Run, loss: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def validate(run: _Run) -> dict[str, Any]:
+def validate(run: Run) -> dict[str, Any]:
     """Retrieval metrics of the current model on the cached val set."""
     assert run.val is not None
     model = run.built.model
@@ -324,7 +166,7 @@ def validate(run: _Run) -> dict[str, Any]:
     return retrieval_metrics(image_emb.float().cpu().numpy(), text_emb.float().cpu().numpy(), pairs)
 
 
-def _evaluate(run: _Run) -> None:
+def _evaluate(run: Run) -> None:
     """Validate, log, and save `model/` when the validation score is the best so far."""
     metrics = validate(run)
     score = val_score(metrics)
@@ -350,13 +192,13 @@ def _evaluate(run: _Run) -> None:
     )
 
 
-def _save(run: _Run) -> None:
+def _save(run: Run) -> None:
     with full_token_embedding(run.built.model):
         save_checkpoint(run.cfg.out, run.built.model, run.optimizer, run.progress, run.generator.get_state())
 
 
 @contextmanager
-def _stop_on_signals(run: _Run) -> Iterator[None]:
+def _stop_on_signals(run: Run) -> Iterator[None]:
     """Ctrl-C and SIGTERM ask the loop to stop after the current step and save a resumable checkpoint."""
 
     def ask_stop(signum: int, _frame: Any) -> None:
@@ -373,7 +215,7 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
 class _Clock:
     """Wall-clock of the run, continued across resumes, and the time to keep for the final save."""
 
-    def __init__(self, run: _Run, started: float) -> None:
+    def __init__(self, run: Run, started: float) -> None:
         # Setup (decoding, model build) counts against a time budget: the user asked for N minutes.
         self.start = started - run.progress.elapsed_s
         self.budget_s = run.cfg.time_budget_min * 60 if run.cfg.time_budget_min else None
@@ -384,7 +226,7 @@ class _Clock:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def fraction(self, run: _Run) -> float:
+    def fraction(self, run: Run) -> float:
         if self.budget_s:
             return self.elapsed() / self.budget_s
         return run.progress.step / max(1, run.total_steps or 1)
@@ -400,13 +242,13 @@ class _Clock:
             else time.monotonic() - started
         )
 
-    def timed(self, fn: Any, run: _Run) -> None:
+    def timed(self, fn: Any, run: Run) -> None:
         t0 = time.monotonic()
         fn(run)
         self.reserve_s = max(self.reserve_s, 1.5 * (time.monotonic() - t0) + 1.0)
 
 
-def _progress_bar(run: _Run, clock: _Clock) -> tqdm:
+def _progress_bar(run: Run, clock: _Clock) -> tqdm:
     if clock.budget_s:
         return tqdm(
             total=round(clock.budget_s),
@@ -418,7 +260,7 @@ def _progress_bar(run: _Run, clock: _Clock) -> tqdm:
     return tqdm(total=run.total_steps, initial=run.progress.step, unit="step", disable=not run.cfg.progress)
 
 
-def _log_step(run: _Run, loss: float, lr: float, window: list[float], bar: tqdm, clock: _Clock) -> None:
+def _log_step(run: Run, loss: float, lr: float, window: list[float], bar: tqdm, clock: _Clock) -> None:
     p = run.progress
     samples_per_s = window[1] / max(1e-9, time.monotonic() - window[0])
     bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{samples_per_s:.0f}", epoch=p.epoch, refresh=False)
@@ -440,7 +282,7 @@ def _log_step(run: _Run, loss: float, lr: float, window: list[float], bar: tqdm,
         window[:] = [time.monotonic(), 0.0]
 
 
-def _run_epoch(run: _Run, clock: _Clock, bar: tqdm) -> str | None:
+def _run_epoch(run: Run, clock: _Clock, bar: tqdm) -> str | None:
     """Train until the epoch ends (None) or the run must stop (its status)."""
     p, window = run.progress, [time.monotonic(), 0.0]
     for s, idx in enumerate(_batches(run, p.epoch)):
@@ -455,7 +297,10 @@ def _run_epoch(run: _Run, clock: _Clock, bar: tqdm) -> str | None:
         # Warm up over the schedule's fraction of the run, but never over fewer than MIN_WARMUP_STEPS:
         # a time budget on a slow machine can leave 5% of it a handful of steps, and a transformer
         # trained from scratch collapses (all embeddings alike, loss stuck at ln(batch)) without warmup.
-        ramp = min(1.0, (p.step + 1) / max(1, run.min_warmup_steps))
+        min_warmup = (
+            MIN_WARMUP_STEPS if run.total_steps is None else min(MIN_WARMUP_STEPS, run.total_steps // 5)
+        )
+        ramp = min(1.0, (p.step + 1) / max(1, min_warmup))
         lr = lr_at(clock.fraction(run), run.cfg.optim.lr, run.cfg.optim.warmup) * ramp
         set_lr(run.optimizer, lr)
         started = time.monotonic()
@@ -471,7 +316,7 @@ def _run_epoch(run: _Run, clock: _Clock, bar: tqdm) -> str | None:
     return None
 
 
-def _loop(run: _Run, started: float) -> str:
+def _loop(run: Run, started: float) -> str:
     clock = _Clock(run, started)
     with _progress_bar(run, clock) as bar:
         while True:
@@ -485,7 +330,7 @@ def _loop(run: _Run, started: float) -> str:
                 return "finished"
 
 
-def _finish(run: _Run, status: str) -> None:
+def _finish(run: Run, status: str) -> None:
     p = run.progress
     if status != "interrupted" and run.val is not None and p.extra.get("last_eval_step") != p.step:
         _evaluate(run)
@@ -507,12 +352,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
     cfg.out.mkdir(parents=True, exist_ok=True)
     if not resume and (cfg.out / CHECKPOINT_DIR).exists():
         raise ClipsearchError(f"{cfg.out} already holds a run; continue it with --resume or pick a new --out")
-    run = _setup(cfg, resume)
+    run = setup_run(cfg, resume)
     if run.progress.finished:
         log.info("%s: the run already finished; nothing to do", cfg.out)
         return RunResult("finished", cfg.out, run.progress, run.progress.extra.get("best_val"))
     run.best_val = run.progress.extra.get("best_val")
-    _write_config(run)
+    write_run_config(run)
     with _stop_on_signals(run):
         try:
             status = _loop(run, started)

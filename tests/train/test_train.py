@@ -112,7 +112,7 @@ def test_accumulated_steps_give_the_full_batch_gradient(tmp_path: Path, colours:
         cfg = tiny_config(
             tmp_path / f"acc{accum}", colours, optim={"batch_size": batch, "accum_steps": accum}
         )
-        run = training._setup(cfg.validate(), resume=False)
+        run = training.setup_run(cfg.validate(), resume=False)
         training._train_step(run, torch.arange(8))
         grads.append({n: p.grad.clone() for n, p in run.built.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

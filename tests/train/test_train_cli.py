@@ -183,7 +183,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     cfg = tiny_config(tmp_path / "nan", colours, colours, epochs=10, checkpoint_every_min=0.0)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 3"):
         train(cfg)
-    run = training._setup(cfg.validate(), resume=True)
+    run = training.setup_run(cfg.validate(), resume=True)
     assert run.progress.step == 3 and not run.progress.finished
     assert all(torch.isfinite(p).all() for p in run.built.model.parameters())
     assert (cfg.out / "model" / "open_clip_model.safetensors").is_file()  # best so far, from the evals
@@ -227,5 +227,5 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, colours: Path) -> 
     assert proc.returncode == 130, stderr
     assert f"--resume {out}" in stderr and "Traceback" not in stderr
     cfg = load_run_config(out)
-    run = training._setup(cfg, resume=True)
+    run = training.setup_run(cfg, resume=True)
     assert run.progress.step >= 1 and not run.progress.finished
