@@ -1,1 +1,53 @@
-"""`clipsearch evaluate`: not implemented yet."""
+"""`clipsearch eval`: retrieval metrics of a saved model on an image–caption source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from indexer.commands._app import app, setup_logging, user_errors
+from indexer.data import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, SourceSpec
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[Path, typer.Option(help="Model dir (open_clip local-dir layout), e.g. RUN_DIR/model.")],
+    data: Annotated[
+        str, typer.Option(help="Image–caption data: CSV/TSV, JSONL, image folder or .tar shards.")
+    ],
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images or texts per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    image_column: Annotated[
+        str, typer.Option(help="Image column of CSV/TSV/JSONL sources.")
+    ] = DEFAULT_IMAGE_COLUMN,
+    caption_column: Annotated[
+        str, typer.Option(help="Caption column of CSV/TSV/JSONL sources.")
+    ] = DEFAULT_CAPTION_COLUMN,
+) -> None:
+    """Text→image and image→text R@1/5/10 and median rank (captions shared by images count for each)."""
+    from indexer.evaluate import EvalConfig, evaluate
+
+    setup_logging()
+    with user_errors():
+        cfg = EvalConfig(
+            model, SourceSpec(data, image_column, caption_column), batch_size=batch_size, device=device
+        )
+        metrics = evaluate(cfg)
+    typer.echo(json.dumps(metrics) if json_out else _table(metrics))
+
+
+def _table(metrics: dict[str, Any]) -> str:
+    lines = [
+        f"{metrics['n']} image-caption pairs",
+        f"{'':14} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'median rank':>12}",
+    ]
+    for key, label in (("text_to_image", "text->image"), ("image_to_text", "image->text")):
+        m = metrics[key]
+        lines.append(f"{label:14} {m['R@1']:6.3f} {m['R@5']:6.3f} {m['R@10']:6.3f} {m['median_rank']:12.1f}")
+    return "\n".join(lines)
