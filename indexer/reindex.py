@@ -299,7 +299,7 @@ def _contents(
             i,
             "image",
             img.key,
-            None,
+            img.record.captions[0] if img.record.captions else None,  # shown as the hit's caption
             img.state.nbytes,
             img.mtime,
             img.sha256,

@@ -114,6 +114,14 @@ def test_csv_source_with_extra_texts_file(tiny_model_dir, colour_csv, tmp_path):
     res = run_index(tiny_model_dir, colour_csv, tmp_path / "b", texts_file=extra)
     assert res.images == 8
     assert res.texts == 9, "8 captions + 1 new text; the duplicate caption is kept once"
+    b = open_bundle(tmp_path / "b")
+    try:
+        images = [it for it in b.items.get_many(list(range(100))).values() if it.kind == "image"]
+        assert {Path(it.path).stem: it.text for it in images}["red"] == "a red square", (
+            "image keeps its caption"
+        )
+    finally:
+        b.close()
 
 
 def test_keep_prunes_old_bundles_but_not_current(tiny_model_dir, tmp_path):
