@@ -21,9 +21,9 @@ from indexer.checkpoint import CHECKPOINT_DIR, Progress, load_checkpoint, save_c
 from indexer.curves import MetricsLog, plot_curves
 from indexer.data import read_records
 from indexer.errors import ClipsearchError
-from indexer.evaluate import pairs_from_captions, retrieval_metrics, val_score
+from indexer.evaluate import Pairs, pairs_from_captions, retrieval_metrics, val_score
 from indexer.loss import clamp_logit_scale, contrastive_loss, make_loss
-from indexer.model import resolve_device, save_model_dir
+from indexer.model import resolve_device
 from indexer.optim import count_params, lr_at, make_optimizer, set_lr
 from indexer.train_config import CONFIG_FILE, TrainConfig, config_to_dict
 from indexer.train_data import (
@@ -31,10 +31,11 @@ from indexer.train_data import (
     DatasetError,
     PixelPipeline,
     build_split,
+    pad_id,
     random_crop_batch,
-    trim_tokens,
+    used_length,
 )
-from indexer.train_setup import BuiltModel, build_model
+from indexer.train_setup import BuiltModel, build_model, save_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class _Run:
     log: MetricsLog
     steps_per_epoch: int
     total_steps: int | None
+    val_pairs: Pairs | None = None
+    val_tokens: torch.Tensor | None = None  # tokens of val_pairs.texts
     scaler: Any = None  # torch.amp.GradScaler; enabled only for fp16 (`amp`) on CUDA
     best_val: dict[str, Any] | None = None
     stop_signal: str | None = None
@@ -92,13 +95,45 @@ def _load_split(source: Any, built: BuiltModel, pipeline: PixelPipeline, what: s
     records = read_records(source)
     if not records:
         raise DatasetError(f"{what} set {source.source} is empty")
-    split = build_split(
-        records, pipeline, built.tokenizer, f"{what} set {source.source}", workers, trim=built.trims_tokens
-    )
+    split = build_split(records, pipeline, built.tokenizer, f"{what} set {source.source}", workers)
     log.info(
         "%s: %d images, %d pairs, %d bad rows skipped", what, len(split.pixels), split.n_pairs, split.n_bad
     )
     return split
+
+
+@dataclass
+class _Data:
+    train: CachedSplit
+    val: CachedSplit | None
+    val_pairs: Pairs | None
+    val_tokens: torch.Tensor | None
+
+
+def _load_data(cfg: TrainConfig, built: BuiltModel, pipeline: PixelPipeline) -> _Data:
+    """Decode and tokenize train and val once; cut token columns no caption uses."""
+    train = _load_split(cfg.train, built, pipeline, "train", cfg.workers)
+    if train.n_pairs < 2:
+        raise DatasetError(
+            f"train set {cfg.train.source} has {train.n_pairs} pair; contrastive training needs 2"
+        )
+    val = val_pairs = val_tokens = None
+    if cfg.val is not None:
+        val = _load_split(cfg.val, built, pipeline, "val", cfg.workers)
+        if len(val.pixels) < 2:
+            raise DatasetError(
+                f"val set {cfg.val.source} has {len(val.pixels)} image; recall needs at least 2"
+            )
+        val_pairs = pairs_from_captions(val.captions)
+        val_tokens = built.tokenizer(list(val_pairs.texts))
+    pad = pad_id(built.tokenizer)
+    needed = max(
+        used_length(train.tokens, pad), used_length(val_tokens, pad) if val_tokens is not None else 1
+    )
+    length = built.shorten_context(needed)
+    train.tokens = train.tokens[:, :length].contiguous()
+    val_tokens = val_tokens[:, :length].contiguous() if val_tokens is not None else None
+    return _Data(train, val, val_pairs, val_tokens)
 
 
 def _setup(cfg: TrainConfig, resume: bool) -> _Run:
@@ -107,19 +142,11 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     device = resolve_device(cfg.device)
     built = build_model(cfg.model, cfg.loss, device)
     pipeline = PixelPipeline.from_preprocess(built.preprocess, built.image_size)
-    train = _load_split(cfg.train, built, pipeline, "train", cfg.workers)
-    if train.n_pairs < 2:
-        raise DatasetError(
-            f"train set {cfg.train.source} has {train.n_pairs} pair(s); contrastive training needs 2"
-        )
-    val = _load_split(cfg.val, built, pipeline, "val", cfg.workers) if cfg.val else None
-    if val is not None and len(val.pixels) < 2:
-        raise DatasetError(f"val set {cfg.val.source} has {len(val.pixels)} image; recall needs at least 2")  # type: ignore[union-attr]
-    optimizer = make_optimizer(
-        built.model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps
-    )
-    micro = min(cfg.optim.batch_size, train.n_pairs)
-    steps_per_epoch = max(1, train.n_pairs // (micro * cfg.optim.accum_steps))
+    data = _load_data(cfg, built, pipeline)
+    o = cfg.optim
+    optimizer = make_optimizer(built.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+    micro = min(o.batch_size, data.train.n_pairs)
+    steps_per_epoch = max(1, data.train.n_pairs // (micro * o.accum_steps))
     epochs = cfg.epochs or (None if cfg.time_budget_min else DEFAULT_EPOCHS)
     generator = torch.Generator().manual_seed(cfg.seed)
     progress = Progress()
@@ -130,8 +157,10 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
         cfg=cfg,
         built=built,
         pipeline=pipeline,
-        train=train,
-        val=val,
+        train=data.train,
+        val=data.val,
+        val_pairs=data.val_pairs,
+        val_tokens=data.val_tokens,
         optimizer=optimizer,
         loss_fn=make_loss(cfg.loss),
         device=device,
@@ -154,6 +183,8 @@ def _write_config(run: _Run) -> None:
             "device": str(run.device),
             "train_images": len(run.train.pixels),
             "train_pairs": run.train.n_pairs,
+            "train_bad_rows": run.train.n_bad,
+            "val_bad_rows": run.val.n_bad if run.val else 0,
             "val_images": len(run.val.pixels) if run.val else 0,
             "context_length_used": run.train.tokens.shape[1],
             "steps_per_epoch": run.steps_per_epoch,
@@ -219,6 +250,7 @@ def _train_step(run: _Run, idx: torch.Tensor) -> float:
             loss = _loss(run, all_img, all_txt)
             _check_finite(run, loss)
             run.scaler.scale(loss).backward()
+        _average_shared_grads(run.built.model, len(chunks))
     if run.cfg.optim.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.built.model.parameters(), run.cfg.optim.grad_clip)
@@ -228,10 +260,20 @@ def _train_step(run: _Run, idx: torch.Tensor) -> float:
     return float(loss.detach())
 
 
+def _average_shared_grads(model: torch.nn.Module, n: int) -> None:
+    """logit_scale/bias take part in every micro-batch's full-batch loss, so their gradient was summed n
+    times; scaled back, the step equals one full-batch step (open_clip_train leaves it n times larger)."""
+    for name in ("logit_scale", "logit_bias"):
+        p = getattr(model, name, None)
+        if isinstance(p, torch.Tensor) and p.grad is not None:
+            p.grad /= n
+
+
 def _check_finite(run: _Run, loss: torch.Tensor) -> None:
     if not math.isfinite(float(loss.detach())):
         raise TrainingDiverged(
-            f"loss became {float(loss.detach())} at step {run.progress.step}: training diverged (try a lower --lr or "
+            f"loss became {float(loss.detach())} at step {run.progress.step}: training diverged "
+            "(try a lower --lr or "
             f"--precision fp32); the last good checkpoint is kept in {run.cfg.out}"
         )
 
@@ -243,9 +285,8 @@ def validate(run: _Run) -> dict[str, Any]:
     model = run.built.model
     was_training = model.training
     model.eval()
-    pairs = pairs_from_captions(run.val.captions)
-    tokens = run.built.tokenizer(list(pairs.texts))
-    tokens = trim_tokens(tokens) if run.built.trims_tokens else tokens
+    pairs = run.val_pairs
+    tokens = run.val_tokens
     with autocast_for(run.cfg.precision, run.device):
         image_emb = torch.cat(
             [
@@ -280,7 +321,7 @@ def _evaluate(run: _Run) -> None:
         p.best_score, p.best_step = score, p.step
         run.best_val = metrics
         p.extra["best_val"] = metrics
-        save_model_dir(run.built.model, run.built.model_cfg, run.cfg.out / "model")
+        save_trained_model(run.built, run.cfg.out / "model")
     log.info(
         "step %d val: t2i R@10 %.3f, i2t R@10 %.3f (best %.3f at step %d)",
         p.step,
@@ -313,10 +354,12 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
 class _Clock:
     """Wall-clock of the run, continued across resumes, and the time to keep for the final save."""
 
-    def __init__(self, run: _Run) -> None:
-        self.start = time.monotonic() - run.progress.elapsed_s
+    def __init__(self, run: _Run, started: float) -> None:
+        # Setup (decoding, model build) counts against a time budget: the user asked for N minutes.
+        self.start = started - run.progress.elapsed_s
         self.budget_s = run.cfg.time_budget_min * 60 if run.cfg.time_budget_min else None
         self.reserve_s = 2.0
+        self.step_s = 0.0  # running mean of one step's wall-clock
         self.last_checkpoint = time.monotonic()
 
     def elapsed(self) -> float:
@@ -328,7 +371,15 @@ class _Clock:
         return run.progress.step / max(1, run.total_steps or 1)
 
     def spent(self) -> bool:
-        return self.budget_s is not None and self.elapsed() + self.reserve_s >= self.budget_s
+        """True when one more step would not finish before the budget, counting the final eval + save."""
+        return self.budget_s is not None and self.elapsed() + self.reserve_s + self.step_s >= self.budget_s
+
+    def step_done(self, started: float) -> None:
+        self.step_s = (
+            0.8 * self.step_s + 0.2 * (time.monotonic() - started)
+            if self.step_s
+            else time.monotonic() - started
+        )
 
     def timed(self, fn: Any, run: _Run) -> None:
         t0 = time.monotonic()
@@ -354,7 +405,7 @@ def _log_step(run: _Run, loss: float, lr: float, window: list[float], bar: tqdm,
     bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{samples_per_s:.0f}", epoch=p.epoch, refresh=False)
     bar.update(round(clock.elapsed()) - bar.n if clock.budget_s else 1)
     if p.step % run.cfg.log_every == 0:
-        scale = float(run.built.model.logit_scale.exp())
+        scale = float(run.built.model.logit_scale.detach().exp())
         run.log.write(
             {
                 "kind": "train",
@@ -384,7 +435,9 @@ def _run_epoch(run: _Run, clock: _Clock, bar: tqdm) -> str | None:
             return "finished"
         lr = lr_at(clock.fraction(run), run.cfg.optim.lr, run.cfg.optim.warmup)
         set_lr(run.optimizer, lr)
+        started = time.monotonic()
         loss = _train_step(run, idx)
+        clock.step_done(started)
         p.step, p.step_in_epoch, p.samples = p.step + 1, s + 1, p.samples + len(idx)
         p.elapsed_s = clock.elapsed()
         window[1] += len(idx)
@@ -395,8 +448,8 @@ def _run_epoch(run: _Run, clock: _Clock, bar: tqdm) -> str | None:
     return None
 
 
-def _loop(run: _Run) -> str:
-    clock = _Clock(run)
+def _loop(run: _Run, started: float) -> str:
+    clock = _Clock(run, started)
     with _progress_bar(run, clock) as bar:
         while True:
             status = _run_epoch(run, clock, bar)
@@ -414,7 +467,7 @@ def _finish(run: _Run, status: str) -> None:
     if status != "interrupted" and run.val is not None and p.extra.get("last_eval_step") != p.step:
         _evaluate(run)
     if run.val is None:
-        save_model_dir(run.built.model, run.built.model_cfg, run.cfg.out / "model")
+        save_trained_model(run.built, run.cfg.out / "model")
     p.finished = status != "interrupted"
     _save(run)
     plot_curves(run.cfg.out / "metrics.jsonl", run.cfg.out / "curves.png")
@@ -426,6 +479,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
     Raises:
         ClipsearchError: bad data, options or model; TrainingDiverged on a NaN loss.
     """
+    started = time.monotonic()
     cfg = cfg.validate()
     cfg.out.mkdir(parents=True, exist_ok=True)
     if not resume and (cfg.out / CHECKPOINT_DIR).exists():
@@ -438,7 +492,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
     _write_config(run)
     with _stop_on_signals(run):
         try:
-            status = _loop(run)
+            status = _loop(run, started)
         except TrainingDiverged:
             plot_curves(cfg.out / "metrics.jsonl", cfg.out / "curves.png")
             raise

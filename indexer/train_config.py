@@ -40,7 +40,7 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global L2 norm of the gradients; 0 disables clipping
-    batch_size: int = 256
+    batch_size: int = 128
     accum_steps: int = 1  # micro-batches per optimizer step; the loss sees all of them at once
 
 
@@ -72,6 +72,8 @@ class TrainConfig:
             raise ConfigError("--epochs must be at least 1")
         if self.time_budget_min is not None and self.time_budget_min <= 0:
             raise ConfigError("--time-budget must be a positive number of minutes")
+        if self.loss not in ("clip", "siglip"):
+            raise ConfigError(f"unknown loss {self.loss!r}: use clip or siglip")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.optim.batch_size < 2 or self.optim.accum_steps < 1:

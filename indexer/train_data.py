@@ -155,16 +155,17 @@ class PixelPipeline:
         return (pixels_u8.float().div_(255) - self.mean) / self.std
 
 
-def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Drop trailing columns that are padding in every row (exact: pads are masked or after EOT)."""
-    if tokens.shape[1] == 0:
-        return tokens
-    pad = tokens[0, -1]
-    if not bool((tokens[:, -1] == pad).all()):
-        return tokens
+def pad_id(tokenizer: Any) -> int:
+    """The padding id of an open_clip tokenizer: the HF tokenizer's own, else 0 (open_clip's BPE)."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    value = getattr(inner, "pad_token_id", None)
+    return int(value) if isinstance(value, int) else 0
+
+
+def used_length(tokens: torch.Tensor, pad: int = 0) -> int:
+    """Columns up to the last one that holds a non-padding token in some row."""
     used = (tokens != pad).any(dim=0).nonzero()
-    keep = int(used.max()) + 2 if len(used) else 1  # +1 for the index, +1 keeps one pad column
-    return tokens[:, : min(keep, tokens.shape[1])].contiguous()
+    return int(used.max()) + 1 if len(used) else 1
 
 
 @dataclass
@@ -192,7 +193,6 @@ def build_split(
     tokenizer: Callable[[list[str]], torch.Tensor],
     what: str,
     workers: int | None = None,
-    trim: bool = False,
 ) -> CachedSplit:
     """Decode and tokenize a record list once (records without any caption are skipped)."""
     captioned = [r for r in records if r.captions]
@@ -203,7 +203,6 @@ def build_split(
     pair_image = [img for img, caps in enumerate(captions) for _ in caps]
     texts = [c for caps in captions for c in caps]
     tokens = tokenizer(texts)
-    tokens = trim_tokens(tokens) if trim else tokens
     return CachedSplit(
         pixels=decoded.pixels,
         captions=captions,

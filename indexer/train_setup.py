@@ -11,7 +11,14 @@ import open_clip
 import torch
 
 from indexer.loss import model_kwargs_for_loss
-from indexer.model import CONFIG_NAME, WEIGHTS_NAME, ModelError, model_config, resolve_model_name
+from indexer.model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelError,
+    model_config,
+    resolve_model_name,
+    save_model_dir,
+)
 from indexer.optim import lock_towers
 from indexer.train_config import ModelSpec
 
@@ -30,13 +37,37 @@ class BuiltModel:
     tokenizer: Any
     image_size: int
 
-    @property
-    def trims_tokens(self) -> bool:
-        """Whether trailing padding columns may be cut from token batches (a speed-up, exact).
+    def shorten_context(self, length: int) -> int:
+        """Let the text tower run on `length` tokens instead of its full context; returns the length used.
 
-        Only separate text towers (`CustomTextCLIP`: open_clip's TextTransformer slices its positional
-        embedding and mask; HF towers mask padding); the built-in CLIP text path needs full length."""
-        return isinstance(self.model, open_clip.CustomTextCLIP)
+        Exact, and a large saving when captions are short: trailing columns are padding after the
+        end-of-text token, which a causal tower never attends to from there (HF towers mask padding).
+        Only separate text towers (`CustomTextCLIP`) slice their positional embedding; their causal mask
+        is a non-persistent buffer, so this never reaches the saved model. Other models keep the full
+        context.
+        """
+        text = getattr(self.model, "text", None)
+        if not isinstance(self.model, open_clip.CustomTextCLIP) or text is None:
+            return int(self.model.context_length)
+        mask = getattr(text, "attn_mask", None)
+        if isinstance(mask, torch.Tensor) and mask.shape[0] > length:
+            text.attn_mask = mask[:length, :length].contiguous()
+        return length
+
+
+def save_trained_model(built: BuiltModel, out_dir: Path) -> Path:
+    """`save_model_dir`, plus the tokenizer files of a Hugging Face text tower.
+
+    open_clip's `local-dir:` loader reads an HF tokenizer from the model dir itself, so a model dir
+    without them would not load with plain `open_clip.get_tokenizer("local-dir:...")`.
+    """
+    save_model_dir(built.model, built.model_cfg, out_dir)
+    hf_tokenizer = getattr(built.tokenizer, "tokenizer", None)
+    if built.model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") and hasattr(
+        hf_tokenizer, "save_pretrained"
+    ):
+        hf_tokenizer.save_pretrained(str(out_dir))
+    return out_dir
 
 
 def _is_model_dir(spec: str | None) -> bool:
