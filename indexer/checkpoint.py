@@ -91,18 +91,26 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[Progress, torch.Tensor]:
-    """Restore model and optimizer in place; returns (progress, generator RNG state)."""
+def _read_state(run_dir: Path) -> dict[str, Any]:
     ckpt = run_dir / CHECKPOINT_DIR
     if not (ckpt / "state.json").is_file():
         raise CheckpointError(f"{run_dir} has no resumable checkpoint ({CHECKPOINT_DIR}/state.json)")
-    state = json.loads((ckpt / "state.json").read_text())
+    state: dict[str, Any] = json.loads((ckpt / "state.json").read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: unsupported checkpoint format {state.get('format_version')}")
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    return state
+
+
+def load_model_state(run_dir: Path, model: torch.nn.Module) -> None:
+    """Restore the model weights of the checkpoint in place."""
+    _read_state(run_dir)
+    model.load_state_dict(load_file(str(run_dir / CHECKPOINT_DIR / "model.safetensors")))
+
+
+def load_optimizer_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> tuple[Progress, torch.Tensor]:
+    """Restore the optimizer in place; returns (progress, generator RNG state)."""
+    state = _read_state(run_dir)
+    tensors = load_file(str(run_dir / CHECKPOINT_DIR / "optimizer.safetensors"))
     rng_state = tensors.pop("rng_state")
     opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in tensors.items():
@@ -113,3 +121,11 @@ def load_checkpoint(
         opt_state["state"].setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict(opt_state)
     return Progress(**state["progress"]), rng_state
+
+
+def load_checkpoint(
+    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Progress, torch.Tensor]:
+    """Restore model and optimizer in place; returns (progress, generator RNG state)."""
+    load_model_state(run_dir, model)
+    return load_optimizer_state(run_dir, optimizer)

@@ -140,22 +140,29 @@ class EvalConfig:
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Embed every decodable image and unique caption of `cfg.data` with the model and score retrieval."""
+    """Embed every decodable image and unique caption of `cfg.data` with the model and score retrieval.
+
+    Images stream through in batches (decoded by `workers` processes), so only embeddings are kept.
+    """
     from indexer.model import Encoder
-    from indexer.train_data import decode_records
+    from indexer.train_data import DatasetError, check_bad, default_workers, iter_decoded
 
     encoder = Encoder.from_dir(cfg.model_dir, device=cfg.device)
     records = _captioned(read_records(cfg.data), cfg.data.source)
-    decoded = decode_records(records, encoder.preprocess, workers=0)
-    image_emb = np.concatenate(
-        [encoder.encode_pixels(decoded.pixels[s:e]) for s, e in _blocks(len(decoded.pixels), cfg.batch_size)]
-        or [np.zeros((0, encoder.info.embed_dim), np.float32)]
-    )
-    pairs = pairs_from_captions([records[i].captions for i in decoded.kept])
+    blocks, kept, bad = [np.zeros((0, encoder.info.embed_dim), np.float32)], [], []
+    for batch in iter_decoded(records, encoder.preprocess, cfg.batch_size, workers=default_workers()):
+        if batch.kept:
+            blocks.append(encoder.encode_pixels(batch.pixels))
+        kept += batch.kept
+        bad += batch.bad
+    check_bad(len(bad), len(records), bad, cfg.data.source, limit=1.0)  # eval what decodes; log the rest
+    if len(kept) < 2:
+        raise DatasetError(f"{cfg.data.source}: {len(kept)} decodable captioned image(s); need at least 2")
+    pairs = pairs_from_captions([records[i].captions for i in kept])
     text_emb = np.concatenate(
         [encoder.encode_texts(pairs.texts[s:e]) for s, e in _blocks(len(pairs.texts), cfg.batch_size)]
     )
-    return retrieval_metrics(image_emb, text_emb, pairs, chunk=cfg.chunk)
+    return retrieval_metrics(np.concatenate(blocks), text_emb, pairs, chunk=cfg.chunk)
 
 
 def _captioned(records: list[Record], source: str) -> list[Record]:

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from indexer.checkpoint import CHECKPOINT_DIR, Progress, load_checkpoint, save_checkpoint
+from indexer.checkpoint import (
+    CHECKPOINT_DIR,
+    Progress,
+    load_model_state,
+    load_optimizer_state,
+    save_checkpoint,
+)
+from indexer.compact_embedding import compact_token_embedding, full_token_embedding
 from indexer.curves import MetricsLog, plot_curves
 from indexer.data import read_records
 from indexer.errors import ClipsearchError
@@ -143,6 +150,12 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     built = build_model(cfg.model, cfg.loss, device)
     pipeline = PixelPipeline.from_preprocess(built.preprocess, built.image_size)
     data = _load_data(cfg, built, pipeline)
+    if resume:
+        load_model_state(cfg.out, built.model)
+    seen = [data.train.tokens.flatten()] + (
+        [data.val_tokens.flatten()] if data.val_tokens is not None else []
+    )
+    compact_token_embedding(built.model, torch.cat(seen))
     o = cfg.optim
     optimizer = make_optimizer(built.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     micro = min(o.batch_size, data.train.n_pairs)
@@ -151,7 +164,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     generator = torch.Generator().manual_seed(cfg.seed)
     progress = Progress()
     if resume:
-        progress, rng = load_checkpoint(cfg.out, built.model, optimizer)
+        progress, rng = load_optimizer_state(cfg.out, optimizer)
         generator.set_state(rng)
     return _Run(
         cfg=cfg,
@@ -333,7 +346,8 @@ def _evaluate(run: _Run) -> None:
 
 
 def _save(run: _Run) -> None:
-    save_checkpoint(run.cfg.out, run.built.model, run.optimizer, run.progress, run.generator.get_state())
+    with full_token_embedding(run.built.model):
+        save_checkpoint(run.cfg.out, run.built.model, run.optimizer, run.progress, run.generator.get_state())
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from typing import Any
 import open_clip
 import torch
 
+from indexer.compact_embedding import full_token_embedding
 from indexer.loss import model_kwargs_for_loss
 from indexer.model import (
     CONFIG_NAME,
@@ -61,7 +62,8 @@ def save_trained_model(built: BuiltModel, out_dir: Path) -> Path:
     open_clip's `local-dir:` loader reads an HF tokenizer from the model dir itself, so a model dir
     without them would not load with plain `open_clip.get_tokenizer("local-dir:...")`.
     """
-    save_model_dir(built.model, built.model_cfg, out_dir)
+    with full_token_embedding(built.model):
+        save_model_dir(built.model, built.model_cfg, out_dir)
     hf_tokenizer = getattr(built.tokenizer, "tokenizer", None)
     if built.model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") and hasattr(
         hf_tokenizer, "save_pretrained"

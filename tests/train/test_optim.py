@@ -62,3 +62,31 @@ def test_random_crop_keeps_the_shape_and_is_seeded() -> None:
     b = random_crop_batch(pixels, torch.Generator().manual_seed(1), 0.75)
     assert a.shape == pixels.shape and torch.equal(a, b) and not torch.equal(a, pixels)
     assert random_crop_batch(pixels, torch.Generator(), 1.0) is pixels
+
+
+def test_compact_token_embedding_trains_exactly_like_the_full_table() -> None:
+    from indexer.compact_embedding import compact_token_embedding, full_token_embedding
+    from indexer.optim import make_optimizer
+
+    tokens = torch.zeros(6, 77, dtype=torch.long)  # tiny-test uses the full context of 77
+    tokens[:, :10] = torch.randint(1, 300, (6, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compact in (False, True):
+        torch.manual_seed(0)
+        model = open_clip.create_model("tiny-test")
+        if compact:
+            assert compact_token_embedding(model, tokens.flatten())
+        opt = make_optimizer(model, 1e-2, 0.1, (0.9, 0.98), 1e-6)
+        for _ in range(3):
+            opt.zero_grad()
+            model.encode_text(tokens).pow(2).sum().backward()
+            opt.step()
+        with full_token_embedding(model):
+            results.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(
+        results[1]["token_embedding.weight"][tokens[0, 0]],
+        open_clip.create_model("tiny-test").token_embedding.weight[tokens[0, 0]],
+    )
