@@ -47,6 +47,7 @@ from indexer.train_setup import BuiltModel, build_model, save_trained_model
 log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 10
+MIN_WARMUP_STEPS = 50
 EVAL_BATCH = 512
 
 
@@ -83,6 +84,7 @@ class _Run:
     total_steps: int | None
     val_pairs: Pairs | None = None
     val_tokens: torch.Tensor | None = None  # tokens of val_pairs.texts
+    min_warmup_steps: int = 0
     scaler: Any = None  # torch.amp.GradScaler; enabled only for fp16 (`amp`) on CUDA
     best_val: dict[str, Any] | None = None
     stop_signal: str | None = None
@@ -182,6 +184,9 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
         log=MetricsLog(cfg.out / "metrics.jsonl"),
         steps_per_epoch=steps_per_epoch,
         total_steps=epochs * steps_per_epoch if epochs else None,
+        min_warmup_steps=MIN_WARMUP_STEPS
+        if not epochs
+        else min(MIN_WARMUP_STEPS, epochs * steps_per_epoch // 5),
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp" and device.type == "cuda"),
     )
 
@@ -447,7 +452,11 @@ def _run_epoch(run: _Run, clock: _Clock, bar: tqdm) -> str | None:
             return "time_budget"
         if run.total_steps is not None and p.step >= run.total_steps:
             return "finished"
-        lr = lr_at(clock.fraction(run), run.cfg.optim.lr, run.cfg.optim.warmup)
+        # Warm up over the schedule's fraction of the run, but never over fewer than MIN_WARMUP_STEPS:
+        # a time budget on a slow machine can leave 5% of it a handful of steps, and a transformer
+        # trained from scratch collapses (all embeddings alike, loss stuck at ln(batch)) without warmup.
+        ramp = min(1.0, (p.step + 1) / max(1, run.min_warmup_steps))
+        lr = lr_at(clock.fraction(run), run.cfg.optim.lr, run.cfg.optim.warmup) * ramp
         set_lr(run.optimizer, lr)
         started = time.monotonic()
         loss = _train_step(run, idx)

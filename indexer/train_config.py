@@ -33,7 +33,7 @@ class ModelSpec:
 class OptimConfig:
     """AdamW with warmup + cosine; the defaults are the CPU recipe of the `small` model."""
 
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: float = 0.05  # fraction of the run (steps, or wall-clock with a time budget)
     beta1: float = 0.9

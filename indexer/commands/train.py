@@ -35,7 +35,7 @@ def train(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Shipped config (small), open_clip name, JSON config or model dir [default: small]."
+            help="Shipped config (small), open_clip name, JSON config or model dir; default: small."
         ),
     ] = None,
     pretrained: Annotated[
@@ -49,7 +49,7 @@ def train(
     ] = 0,
     loss: Annotated[str, typer.Option(help="clip (symmetric InfoNCE) or siglip (sigmoid).")] = "clip",
     epochs: Annotated[
-        int | None, typer.Option(help="Passes over the data [default: 10 without --time-budget].")
+        int | None, typer.Option(help="Passes over the data (10 when no --time-budget is given).")
     ] = None,
     time_budget: Annotated[
         float | None, typer.Option(help="Train for this many minutes; the schedule fits the budget.")
@@ -83,7 +83,7 @@ def train(
         float, typer.Option(help="Random-crop augmentation: crop side as a fraction; 1 disables.")
     ] = 0.9,
     workers: Annotated[
-        int | None, typer.Option(help="Image decoding processes [default: min(4, CPUs)].")
+        int | None, typer.Option(help="Image decoding processes (default: min(4, CPUs)).")
     ] = None,
     log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl line every N steps.")] = 10,
     checkpoint_every: Annotated[float, typer.Option(help="Minutes between resumable checkpoints.")] = 5.0,

@@ -96,6 +96,7 @@ def test_time_budget_stops_cleanly_with_a_schedule_fitted_to_it(
     # A fake wall-clock that advances 50 ms per reading, so the test never depends on the machine's speed.
     ticks = iter(range(10**9))
     monkeypatch.setattr(training.time, "monotonic", lambda: next(ticks) * 0.05)
+    monkeypatch.setattr(training, "MIN_WARMUP_STEPS", 1)  # the time-based schedule alone
     result = train(tiny_config(tmp_path / "budget", colours, colours, epochs=None, time_budget_min=0.2))
     assert result.status == "time_budget" and result.progress.finished
     assert (result.run_dir / "model" / WEIGHTS_NAME).is_file()

@@ -81,6 +81,20 @@ def test_every_flag_reaches_the_config(monkeypatch, tmp_path: Path) -> None:
     )
 
 
+def test_resume_reuses_the_saved_config(monkeypatch, trained_run) -> None:
+    seen = {}
+
+    def fake_train(cfg, resume=False):
+        seen["cfg"], seen["resume"] = cfg, resume
+        return training.RunResult("finished", cfg.out, training.Progress(step=3), None)
+
+    monkeypatch.setattr(training, "train", fake_train)
+    result = runner.invoke(app, ["train", "--resume", str(trained_run.run_dir), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    saved = load_run_config(trained_run.run_dir)
+    assert seen["resume"] and seen["cfg"] == saved
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -89,6 +103,7 @@ def test_every_flag_reaches_the_config(monkeypatch, tmp_path: Path) -> None:
         (["--unlocked-layers", "1"], "only applies with --lock-image or --lock-text"),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--loss", "triplet"], "unknown loss"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     ],
 )
 def test_bad_options_are_one_line_errors(
