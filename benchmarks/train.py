@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them")
     p.add_argument("--repeats", type=int, default=2, help="throughput runs per tool, interleaved; best kept")
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per tool for quality")
+    p.add_argument("--their-epochs", type=int, help="open_clip_train epochs for quality (default: fitted)")
     p.add_argument("--only", choices=["throughput", "quality"], help="run one half")
     return p.parse_args()
 
@@ -136,6 +138,7 @@ def theirs_throughput(a: argparse.Namespace, subset: Path, i: int) -> dict[str, 
         "samples_per_s": steady_rate(ends, a.batch_size, a.warmup_steps),
         "steps": len(ends),
         "wall_s": wall,
+        "timed_step_s": times[a.warmup_steps :],
     }
 
 
@@ -204,28 +207,23 @@ def ours_quality(a: argparse.Namespace, train_csv: Path) -> dict[str, Any]:
     return {"model_dir": out / "model", "wall_s": wall, "command": " ".join(cmd[2:])}
 
 
-def their_plan(
-    a: argparse.Namespace, n_train: int, samples_per_s: float, startup_s: float
-) -> tuple[int, int]:
+def their_plan(a: argparse.Namespace, n_train: int, step_s: float, startup_s: float) -> tuple[int, int]:
     """(epochs, warmup steps) that fit open_clip_train's default recipe (batch 64) into the budget."""
-    batch = 64
-    steps_per_epoch = n_train // batch
-    # 10% slack for the per-epoch checkpoint (weights + AdamW state) and load from elsewhere.
+    steps_per_epoch = n_train // 64
+    # 10% slack for the per-epoch checkpoint (weights + AdamW state) and changes in load.
     train_s = max(1.0, a.minutes * 60 - startup_s) * 0.9
-    epochs = max(1, math.floor(train_s * samples_per_s / (steps_per_epoch * batch)))
+    epochs = a.their_epochs or max(1, math.floor(train_s / (step_s * steps_per_epoch)))
     return epochs, max(1, round(0.05 * epochs * steps_per_epoch))
 
 
-def theirs_quality(
-    a: argparse.Namespace, train_csv: Path, samples_per_s: float, startup_s: float
-) -> dict[str, Any]:
+def theirs_quality(a: argparse.Namespace, train_csv: Path, step_s: float, startup_s: float) -> dict[str, Any]:
     import open_clip
     import torch
 
     from indexer.model import model_config, save_model_dir
 
     n_train = len(train_csv.read_text().splitlines()) - 1
-    epochs, warmup = their_plan(a, n_train, samples_per_s, startup_s)
+    epochs, warmup = their_plan(a, n_train, step_s, startup_s)
     logs, name, log = a.work / "open_clip_train", "quality", a.work / "theirs-quality.log"
     cmd = open_clip_train_cmd(
         a, absolute_csv(train_csv, a.work / "train-abs.csv"), logs, name, 64, epochs, warmup
@@ -257,13 +255,16 @@ def theirs_quality(
 
 
 def quality(a: argparse.Namespace, data: Path, tput: dict[str, Any] | None) -> dict[str, Any]:
-    if tput is not None:
-        best = max(tput["runs"]["theirs"], key=lambda r: r["samples_per_s"])
-    else:  # --only quality: measure their speed once, to plan their epochs
-        best = theirs_throughput(a, throughput_subset(a, data / "train.csv"), 0)
-    startup_s = best["wall_s"] - best["steps"] * a.batch_size / best["samples_per_s"]
+    runs = (
+        tput["runs"]["theirs"]
+        if tput
+        else [theirs_throughput(a, throughput_subset(a, data / "train.csv"), 0)]
+    )
+    # The median step, not the mean: on a shared machine a few steps stalled by other work skew the mean.
+    step_s = statistics.median(t for r in runs for t in r["timed_step_s"])
+    startup_s = min(r["wall_s"] - sum(r["timed_step_s"]) for r in runs)
     results = {
-        "theirs": theirs_quality(a, data / "train.csv", best["samples_per_s"], startup_s),
+        "theirs": theirs_quality(a, data / "train.csv", step_s, startup_s),
         "ours": ours_quality(a, data / "train.csv"),
     }
     for side, r in results.items():  # evaluated after both trained, so neither run competes with an eval
