@@ -304,7 +304,7 @@ def build_emoji_dataset(cfg: EmojiDataConfig) -> EmojiDatasetInfo:
         skipped=SkipCounts(**{k: skipped.count(k) for k in ("blank", "tofu", "unsupported")}),
         train=SplitCounts(images=len(train), concepts=len({e.concept for e in train})),
         val=SplitCounts(images=len(val), concepts=len({e.concept for e in val})),
-        files={n: file_sha256(cfg.out / n) for n in ("captions.csv", "train.csv", "val.csv", "metadata.csv")},
+        files={name: file_sha256(cfg.out / name) for name in TABLES},
         images_sha256=images_digest(cfg.out, sorted(e.filepath for e, _ in rendered)),
     )
     _write_if_changed(cfg.out / DATASET_FILE, (info.model_dump_json(indent=2) + "\n").encode())

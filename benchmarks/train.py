@@ -1,0 +1,332 @@
+"""Side by side on the same CPU cores and emoji data: `clipsearch train` against `open_clip_train.main`.
+
+1. Throughput: the same model config, batch size, precision (fp32) and data-loader workers, each run for
+   a fixed number of steps; samples/s over the steps after a warm-up, from each tool's own per-step log
+   (open_clip_train's `Batch (t)` per step, our `metrics.jsonl` `elapsed_s` per step), so start-up,
+   data indexing and checkpoint writing count for neither.
+2. Quality: each tool with its best default for the same wall-clock budget (ours: `--time-budget`;
+   theirs: open_clip_train defaults with `--epochs` fitted to the budget from its measured speed and
+   `--warmup` scaled to that run, since its default of 10,000 warm-up steps would never end). Both final
+   models are scored by `clipsearch eval` on the held-out concepts of val.csv (text→image R@10).
+
+    python benchmarks/train.py                  # the full run: 10 minutes per side for quality
+    python benchmarks/train.py --minutes 1      # a quick check while developing
+
+Writes benchmarks/results/train.json. Run it on an otherwise idle machine for figures worth quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHIM = REPO / "benchmarks" / "open_clip_train_shim.py"
+CONFIG_DIR = REPO / "indexer" / "configs"
+BATCH_TIME = re.compile(r"Batch \(t\): ([0-9.]+)")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=REPO / "benchmarks" / "work" / "emoji", help="emoji data dir")
+    p.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "train", help="scratch dir")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train.json")
+    p.add_argument("--model", default="small", help="model config both tools train")
+    p.add_argument("--batch-size", type=int, default=64, help="throughput batch size (open_clip's default)")
+    p.add_argument("--workers", type=int, default=2, help="data-loader workers, both tools")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per throughput run")
+    p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--repeats", type=int, default=2, help="throughput runs per tool, interleaved; best kept")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per tool for quality")
+    p.add_argument("--their-epochs", type=int, help="open_clip_train epochs for quality (default: fitted)")
+    p.add_argument("--only", choices=["throughput", "quality"], help="run one half")
+    return p.parse_args()
+
+
+def run(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[int, float]:
+    """Run a command with stdout+stderr to `log`; (exit status, wall seconds). A timeout kills it (-9)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    return rc, time.perf_counter() - start
+
+
+def check(rc: int, log: Path, what: str) -> None:
+    """Stop the benchmark with the tail of the log when a step failed."""
+    if rc != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        sys.exit(f"{what} failed (exit {rc}); last lines of {log}:\n{tail}")
+
+
+def clipsearch(*args: str) -> list[str]:
+    return [sys.executable, "-m", "indexer.cli", *args]
+
+
+def ensure_data(data: Path, log_dir: Path) -> dict[str, Any]:
+    """The full emoji set; rebuilt only if missing, incomplete or changed."""
+    from indexer.data import DataError
+    from indexer.emoji_manifest import check_emoji_dataset
+
+    try:
+        return check_emoji_dataset(data).model_dump()
+    except DataError:
+        rc, _ = run(clipsearch("data", "emoji", "--out", str(data)), log_dir / "data.log")
+        check(rc, log_dir / "data.log", "clipsearch data emoji")
+        return check_emoji_dataset(data).model_dump()
+
+
+def absolute_csv(src: Path, dst: Path, rows: int | None = None) -> Path:
+    """A copy of `src` with absolute image paths (open_clip_train opens them relative to its cwd)."""
+    with open(src, newline="") as f:
+        table = list(csv.DictReader(f))[:rows]
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["filepath", "caption"])
+        w.writeheader()
+        w.writerows({**r, "filepath": str((src.parent / r["filepath"]).resolve())} for r in table)
+    return dst
+
+
+def steady_rate(step_ends: list[float], batch: int, skip: int) -> float:
+    """samples/s between the end of step `skip` and the end of the last step."""
+    if skip < 1 or len(step_ends) <= skip:
+        raise RuntimeError(f"only {len(step_ends)} steps logged; need more than {skip}")
+    return batch * (len(step_ends) - skip) / (step_ends[-1] - step_ends[skip - 1])
+
+
+def open_clip_train_cmd(
+    a: argparse.Namespace, train_csv: Path, logs: Path, name: str, batch: int, epochs: int, warmup: int
+) -> list[str]:
+    csv_args = "--dataset-type csv --csv-separator , --csv-img-key filepath --csv-caption-key caption"
+    recipe = (
+        f"--model {a.model} --batch-size {batch} --epochs {epochs} --warmup {warmup} "
+        f"--workers {a.workers} --precision fp32 --device cpu --seed 0"
+    )
+    logging = f"--name {name} --log-every-n-steps 1 --delete-previous-checkpoint"
+    return [
+        *(sys.executable, str(SHIM), str(CONFIG_DIR), "--train-data", str(train_csv), "--logs", str(logs)),
+        *f"{csv_args} {recipe} {logging}".split(),
+    ]
+
+
+def theirs_throughput(a: argparse.Namespace, subset: Path, i: int) -> dict[str, Any]:
+    name, logs = f"throughput-{i}", a.work / "open_clip_train"
+    log = a.work / f"theirs-{name}.log"
+    rc, wall = run(open_clip_train_cmd(a, subset, logs, name, a.batch_size, 1, a.warmup_steps), log)
+    check(rc, log, "open_clip_train")
+    times = [float(m) for m in BATCH_TIME.findall((logs / name / "out.log").read_text())]
+    ends = [sum(times[: k + 1]) for k in range(len(times))]
+    return {
+        "samples_per_s": steady_rate(ends, a.batch_size, a.warmup_steps),
+        "steps": len(ends),
+        "wall_s": wall,
+        "timed_step_s": times[a.warmup_steps :],
+    }
+
+
+def ours_throughput(a: argparse.Namespace, subset: Path, i: int) -> dict[str, Any]:
+    out, log = a.work / f"ours-throughput-{i}", a.work / f"ours-throughput-{i}.log"
+    recipe = (
+        f"--model {a.model} --epochs 1 --batch-size {a.batch_size} --workers {a.workers} "
+        "--precision fp32 --device cpu --seed 0 --log-every 1 --no-progress"
+    )
+    cmd = clipsearch("train", "--train", str(subset), "--out", str(out), *recipe.split())
+    rc, wall = run(cmd, log)
+    check(rc, log, "clipsearch train")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ends = [r["elapsed_s"] for r in lines if r.get("kind") == "train"]
+    return {
+        "samples_per_s": steady_rate(ends, a.batch_size, a.warmup_steps),
+        "steps": len(ends),
+        "wall_s": wall,
+    }
+
+
+def throughput_subset(a: argparse.Namespace, train_csv: Path) -> Path:
+    """The first rows of train.csv: exactly warm-up + timed steps of full batches."""
+    return absolute_csv(train_csv, a.work / "throughput.csv", (a.steps + a.warmup_steps) * a.batch_size)
+
+
+def throughput(a: argparse.Namespace, train_csv: Path) -> dict[str, Any]:
+    subset = throughput_subset(a, train_csv)
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
+    for i in range(a.repeats):  # interleaved, so a burst of load from elsewhere hits both sides
+        runs["theirs"].append(theirs_throughput(a, subset, i))
+        runs["ours"].append(ours_throughput(a, subset, i))
+        print(
+            f"throughput run {i}: ours {runs['ours'][-1]['samples_per_s']:.1f} samples/s, "
+            f"open_clip_train {runs['theirs'][-1]['samples_per_s']:.1f} samples/s",
+            flush=True,
+        )
+    best = {k: max(r["samples_per_s"] for r in v) for k, v in runs.items()}
+    return {
+        "ours_samples_per_s": best["ours"],
+        "theirs_samples_per_s": best["theirs"],
+        "ratio": best["ours"] / best["theirs"],
+        "runs": runs,
+        "setup": {
+            "batch_size": a.batch_size,
+            "workers": a.workers,
+            "precision": "fp32",
+            "timed_steps": a.steps,
+            "untimed_warmup_steps": a.warmup_steps,
+        },
+    }
+
+
+def evaluate(model_dir: Path, val_csv: Path, log: Path) -> dict[str, Any]:
+    rc, _ = run(clipsearch("eval", "--model", str(model_dir), "--data", str(val_csv), "--json"), log)
+    check(rc, log, "clipsearch eval")
+    return dict(json.loads(log.read_text().strip().splitlines()[-1]))
+
+
+def ours_quality(a: argparse.Namespace, train_csv: Path) -> dict[str, Any]:
+    out, log = a.work / "ours-quality", a.work / "ours-quality.log"
+    recipe = f"--model {a.model} --time-budget {a.minutes} --no-progress"  # everything else: defaults
+    cmd = clipsearch("train", "--train", str(train_csv), "--out", str(out), *recipe.split())
+    rc, wall = run(cmd, log, timeout=a.minutes * 60 * 1.5 + 120)
+    check(rc, log, "clipsearch train --time-budget")
+    return {"model_dir": out / "model", "wall_s": wall, "command": " ".join(cmd[2:])}
+
+
+def their_plan(a: argparse.Namespace, n_train: int, step_s: float, startup_s: float) -> tuple[int, int]:
+    """(epochs, warmup steps) that fit open_clip_train's default recipe (batch 64) into the budget."""
+    steps_per_epoch = n_train // 64
+    # 10% slack for the per-epoch checkpoint (weights + AdamW state) and changes in load.
+    train_s = max(1.0, a.minutes * 60 - startup_s) * 0.9
+    epochs = a.their_epochs or max(1, math.floor(train_s / (step_s * steps_per_epoch)))
+    return epochs, max(1, round(0.05 * epochs * steps_per_epoch))
+
+
+def theirs_quality(a: argparse.Namespace, train_csv: Path, step_s: float, startup_s: float) -> dict[str, Any]:
+    import open_clip
+    import torch
+
+    from indexer.model import model_config, save_model_dir
+
+    n_train = len(train_csv.read_text().splitlines()) - 1
+    epochs, warmup = their_plan(a, n_train, step_s, startup_s)
+    logs, name, log = a.work / "open_clip_train", "quality", a.work / "theirs-quality.log"
+    cmd = open_clip_train_cmd(
+        a, absolute_csv(train_csv, a.work / "train-abs.csv"), logs, name, 64, epochs, warmup
+    )
+    # The budget (plus a minute for start-up) is a hard wall: past it the run is stopped and its last
+    # finished epoch counts. Epochs were planned to end well before it.
+    rc, wall = run(cmd, log, timeout=a.minutes * 60 + 60)
+    ckpts = sorted((logs / name / "checkpoints").glob("epoch_*.pt"), key=lambda p: -int(p.stem.split("_")[1]))
+    model, ckpt_name = None, None
+    for ckpt in ckpts:  # newest first; one killed while being written does not load
+        try:
+            model, ckpt_name = open_clip.create_model(a.model, pretrained=str(ckpt)), ckpt.name
+            break
+        except (RuntimeError, EOFError, OSError):
+            continue
+    if model is None:  # not one epoch within the budget: what the run leaves is its initialisation
+        torch.manual_seed(0)
+        model = open_clip.create_model(a.model)
+    model_dir = save_model_dir(model, model_config(a.model), a.work / "theirs-quality-model")
+    return {
+        "model_dir": model_dir,
+        "wall_s": wall,
+        "epochs_planned": epochs,
+        "warmup_steps": warmup,
+        "checkpoint": ckpt_name,  # None: no epoch finished in the budget; scored untrained
+        "stopped_at_budget": rc != 0,
+        "command": " ".join(cmd[1:]),
+    }
+
+
+def quality(a: argparse.Namespace, data: Path, tput: dict[str, Any] | None) -> dict[str, Any]:
+    runs = (
+        tput["runs"]["theirs"]
+        if tput
+        else [theirs_throughput(a, throughput_subset(a, data / "train.csv"), 0)]
+    )
+    # The median step, not the mean: on a shared machine a few steps stalled by other work skew the mean.
+    step_s = statistics.median(t for r in runs for t in r["timed_step_s"])
+    startup_s = min(r["wall_s"] - sum(r["timed_step_s"]) for r in runs)
+    results = {
+        "theirs": theirs_quality(a, data / "train.csv", step_s, startup_s),
+        "ours": ours_quality(a, data / "train.csv"),
+    }
+    for side, r in results.items():  # evaluated after both trained, so neither run competes with an eval
+        r["eval"] = evaluate(r.pop("model_dir"), data / "val.csv", a.work / f"{side}-eval.log")
+        print(f"{side}: text->image R@10 {r['eval']['text_to_image']['R@10']:.3f} after {r['wall_s']:.0f} s")
+    ours, theirs = (results[k]["eval"]["text_to_image"]["R@10"] for k in ("ours", "theirs"))
+    return {
+        "budget_minutes": a.minutes,
+        "ours_r10": ours,
+        "theirs_r10": theirs,
+        "ratio": ours / theirs if theirs else math.inf,
+        **results,
+    }
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    a = parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    for old in a.work.glob("*"):  # each run starts clean: both tools refuse existing run names
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    data_info = ensure_data(a.data, a.work)
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine_before": machine(),
+        "data": {k: data_info[k] for k in ("font", "size", "images", "train", "val")},
+        "model": a.model,
+    }
+    if a.only != "quality":
+        report["throughput"] = throughput(a, a.data / "train.csv")
+    if a.only != "throughput":
+        report["quality"] = quality(a, a.data, report.get("throughput"))
+    report["machine_after"] = machine()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    summarise(report, a.out)
+
+
+def summarise(report: dict[str, Any], out: Path) -> None:
+    if t := report.get("throughput"):
+        print(
+            f"throughput  ours {t['ours_samples_per_s']:.1f} samples/s  open_clip_train "
+            f"{t['theirs_samples_per_s']:.1f} samples/s  ratio {t['ratio']:.2f}x (floor 1.2x)"
+        )
+    if q := report.get("quality"):
+        print(
+            f"quality     ours R@10 {q['ours_r10']:.3f}  open_clip_train R@10 {q['theirs_r10']:.3f}  "
+            f"ratio {q['ratio']:.2f}x (floor 1.5x), {q['budget_minutes']:g} min each"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
