@@ -92,7 +92,7 @@ def train(
     ] = DEFAULT_CAPTION_COLUMN,
     crop_scale: Annotated[
         float, typer.Option(help="Random-crop augmentation: crop side as a fraction; 1 disables.")
-    ] = 0.9,
+    ] = 1.0,
     workers: Annotated[
         int | None, typer.Option(help="Image decoding processes (default: min(4, CPUs)).")
     ] = None,
