@@ -59,7 +59,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: amp_bf16 on CUDA, fp32 on CPU
     device: str = "auto"
     seed: int = 0
-    crop_scale: float = 0.9  # random crop of this fraction of the side per batch; 1 disables
+    crop_scale: float = 1.0  # random crop of this fraction of the side per batch; 1 disables
     workers: int | None = None  # image decoding processes; None: min(4, CPUs)
     log_every: int = 10
     checkpoint_every_min: float = 5.0

@@ -31,6 +31,9 @@ def eval_command(
     ] = DEFAULT_CAPTION_COLUMN,
 ) -> None:
     """Text→image and image→text R@1/5/10 and median rank (captions shared by images count for each)."""
+    from indexer.commands.train import passive_cpu_threads
+
+    passive_cpu_threads()
     from indexer.evaluate import EvalConfig, evaluate
 
     setup_logging()
