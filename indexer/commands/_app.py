@@ -5,10 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 
 from indexer.errors import ClipsearchError
+
+# Options several subcommands share, declared once so their names and help stay the same everywhere.
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+ImageColumnOption = Annotated[str, typer.Option(help="Image column of CSV/TSV/JSONL sources.")]
+CaptionColumnOption = Annotated[str, typer.Option(help="Caption column of CSV/TSV/JSONL sources.")]
 
 app = typer.Typer(
     name="clipsearch",

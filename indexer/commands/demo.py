@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from indexer.commands._app import app, user_errors
+from indexer.commands._app import DeviceOption, app, user_errors
 
 
 def _say(message: str) -> None:
@@ -29,7 +29,7 @@ def demo(
     model: Annotated[
         str, typer.Option(help="Architecture to train (see `clipsearch train --model`).")
     ] = "small",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     font: Annotated[Path | None, typer.Option(help="A colour emoji font (default: Debian's Noto).")] = None,
     limit: Annotated[
         int | None, typer.Option(min=8, help="Use only the first N emoji (quick checks).")

@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
-from indexer.commands._app import app, setup_logging, user_errors
+from indexer.commands._app import (
+    CaptionColumnOption,
+    DeviceOption,
+    ImageColumnOption,
+    app,
+    setup_logging,
+    user_errors,
+)
 from indexer.data import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, SourceSpec
 
 
@@ -22,13 +29,9 @@ def eval_command(
         bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images or texts per forward pass.")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    image_column: Annotated[
-        str, typer.Option(help="Image column of CSV/TSV/JSONL sources.")
-    ] = DEFAULT_IMAGE_COLUMN,
-    caption_column: Annotated[
-        str, typer.Option(help="Caption column of CSV/TSV/JSONL sources.")
-    ] = DEFAULT_CAPTION_COLUMN,
+    device: DeviceOption = "auto",
+    image_column: ImageColumnOption = DEFAULT_IMAGE_COLUMN,
+    caption_column: CaptionColumnOption = DEFAULT_CAPTION_COLUMN,
 ) -> None:
     """Text→image and image→text R@1/5/10 and median rank (captions shared by images count for each)."""
     from indexer.commands.train import passive_cpu_threads

@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from indexer.commands._app import app, setup_logging, user_errors
+from indexer.commands._app import (
+    CaptionColumnOption,
+    DeviceOption,
+    ImageColumnOption,
+    app,
+    setup_logging,
+    user_errors,
+)
 from indexer.data import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, SourceSpec
 from indexer.train_config import ModelSpec, OptimConfig, TrainConfig
 
@@ -82,14 +89,10 @@ def train(
     precision: Annotated[
         str, typer.Option(help="auto, amp_bf16, amp (fp16) or fp32; auto = amp_bf16 on CUDA, fp32 on CPU.")
     ] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed for initialisation, batch order and augmentation.")] = 0,
-    image_column: Annotated[
-        str, typer.Option(help="Image column of CSV/TSV/JSONL sources.")
-    ] = DEFAULT_IMAGE_COLUMN,
-    caption_column: Annotated[
-        str, typer.Option(help="Caption column of CSV/TSV/JSONL sources.")
-    ] = DEFAULT_CAPTION_COLUMN,
+    image_column: ImageColumnOption = DEFAULT_IMAGE_COLUMN,
+    caption_column: CaptionColumnOption = DEFAULT_CAPTION_COLUMN,
     crop_scale: Annotated[
         float, typer.Option(help="Random-crop augmentation: crop side as a fraction; 1 disables.")
     ] = 1.0,
