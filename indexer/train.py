@@ -73,10 +73,13 @@ def _features(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = run.train.pixels[run.train.pair_image[idx]]
     pixels = run.pipeline.normalise(random_crop_batch(pixels.float(), run.generator, run.cfg.crop_scale))
     pixels = pixels.to(run.device, non_blocking=True)
-    tokens = run.train.tokens[idx].to(run.device, non_blocking=True)
     with autocast_for(run.cfg.precision, run.device):
         image_emb = run.built.model.encode_image(pixels, normalize=True)
-        text_emb = run.built.model.encode_text(tokens, normalize=True)
+        if run.frozen_text is not None:
+            text_emb = run.frozen_text.embed(run.frozen_text.train[idx].to(run.device, non_blocking=True))
+        else:
+            tokens = run.train.tokens[idx].to(run.device, non_blocking=True)
+            text_emb = run.built.model.encode_text(tokens, normalize=True)
     return image_emb.float(), text_emb.float()
 
 
@@ -156,12 +159,15 @@ def validate(run: Run) -> dict[str, Any]:
                 for s in range(0, len(run.val.pixels), EVAL_BATCH)
             ]
         )
-        text_emb = torch.cat(
-            [
-                model.encode_text(tokens[s : s + EVAL_BATCH].to(run.device), normalize=True)
-                for s in range(0, len(tokens), EVAL_BATCH)
-            ]
-        )
+        if run.frozen_text is not None and run.frozen_text.val is not None:
+            text_emb = run.frozen_text.embed(run.frozen_text.val.to(run.device))
+        else:
+            text_emb = torch.cat(
+                [
+                    model.encode_text(tokens[s : s + EVAL_BATCH].to(run.device), normalize=True)
+                    for s in range(0, len(tokens), EVAL_BATCH)
+                ]
+            )
     model.train(was_training)
     return retrieval_metrics(image_emb.float().cpu().numpy(), text_emb.float().cpu().numpy(), pairs)
 

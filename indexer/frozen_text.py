@@ -1,0 +1,99 @@
+"""Train against a locked text tower without running it every step.
+
+With `--lock-text` (LiT-style, the text tower pretrained and frozen) the tower's output for a caption never
+changes during the run, so running it on every batch is pure waste: for a BERT-sized tower next to a small
+image tower it is most of each step. Its features are computed once per distinct caption, in inference
+mode, and the step uses them from memory. Only the part that still trains runs per step: nothing when the
+whole tower is frozen, the linear projection of a Hugging Face tower whose transformer is frozen (open_clip
+locks the transformer and leaves `proj` trainable).
+
+Inference mode means the frozen transformer runs without dropout, as a frozen tower should (the LiT
+recipe); open_clip_train would run it in train mode and add dropout noise to features it never trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.hf_model import HFTextEncoder
+
+log = logging.getLogger(__name__)
+
+NOT_TEXT = ("visual.", "logit_scale", "logit_bias")
+
+
+@dataclass
+class FrozenText:
+    """Cached trunk features of the train and val captions, and the trainable head applied per step."""
+
+    train: torch.Tensor  # (n_pairs, d), row i for train pair i
+    val: torch.Tensor | None  # (n_val_texts, d)
+    head: Callable[[torch.Tensor], torch.Tensor]  # trunk features -> text embedding (unnormalised)
+    what: str  # "tower" (all frozen) or "transformer" (projection trains)
+
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.head(feats), dim=-1)
+
+
+def _text_params(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if not n.startswith(NOT_TEXT)]
+
+
+def _trunk(
+    model: Any,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], str] | None:
+    """(trunk, head, what) when the text path has a frozen trunk worth caching, else None."""
+    params = _text_params(model)
+    if params and not any(p.requires_grad for _, p in params):
+        return (lambda tokens: model.encode_text(tokens, normalize=False)), (lambda f: f), "tower"
+    text = getattr(model, "text", None)
+    if isinstance(model, open_clip.CustomTextCLIP) and isinstance(text, HFTextEncoder):
+        trunk_frozen = not any(
+            p.requires_grad for n, p in text.named_parameters() if not n.startswith("proj")
+        )
+        if trunk_frozen:
+
+            def pooled(tokens: torch.Tensor) -> torch.Tensor:
+                mask = (tokens != text.config.pad_token_id).long()
+                return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+
+            return pooled, text.proj, "transformer"
+    return None
+
+
+@torch.no_grad()
+def _run_trunk(
+    trunk: Callable[[torch.Tensor], torch.Tensor], model: Any, tokens: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Trunk features of each distinct token row once, in inference mode, scattered back to all rows."""
+    unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+    was_training = model.training
+    model.eval()
+    try:
+        feats = torch.cat([trunk(unique[s : s + 256].to(device)).float() for s in range(0, len(unique), 256)])
+    finally:
+        model.train(was_training)
+    return feats[inverse.to(feats.device)]
+
+
+def freeze_text_features(
+    model: Any, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None, device: torch.device
+) -> FrozenText | None:
+    """Cache the frozen text trunk's features, or None when the text tower trains (nothing to cache)."""
+    found = _trunk(model)
+    if found is None:
+        return None
+    trunk, head, what = found
+    train = _run_trunk(trunk, model, train_tokens, device)
+    val = _run_trunk(trunk, model, val_tokens, device) if val_tokens is not None else None
+    log.info(
+        "text %s is locked: its features for %d captions are computed once, not every step",
+        what,
+        len(torch.unique(train_tokens, dim=0)),
+    )
+    return FrozenText(train=train, val=val, head=head, what=what)
