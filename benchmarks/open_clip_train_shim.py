@@ -1,16 +1,18 @@
 """Run `open_clip_train.main` with this project's shipped model configs registered (it only knows its own).
 
-Usage: python benchmarks/open_clip_train_shim.py CONFIG_DIR [open_clip_train arguments...]
+Importing `indexer.model` registers them as clipsearch itself does, with a Hugging Face text tower shipped
+in a Python package (`package:...` in the config) resolved to its path on this installation.
+
+Usage: python benchmarks/open_clip_train_shim.py [open_clip_train arguments...]
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import open_clip
 from open_clip_train.main import main
 
+import indexer.model  # noqa: F401  (registers the shipped configs)
+
 if __name__ == "__main__":
-    open_clip.add_model_config(Path(sys.argv[1]))
-    sys.exit(main(sys.argv[2:]))
+    sys.exit(main(sys.argv[1:]))

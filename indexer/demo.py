@@ -139,6 +139,12 @@ def index_state(cfg: DemoConfig) -> dict[str, Any] | None:
         bundle.close()
 
 
+def _architecture(spec: str) -> dict[str, Any]:
+    from indexer.model import model_config, resolve_model_name
+
+    return model_config(resolve_model_name(spec))
+
+
 def _is_done(cfg: DemoConfig, stage: str, state: dict[str, Any] | None, upstream: dict[str, Any]) -> bool:
     marker = _read_marker(cfg, stage)
     return (
@@ -223,10 +229,16 @@ def prepare(cfg: DemoConfig, say: Say, run: Runner = run_clipsearch) -> str:
     data_args = ["data", "emoji", "--out", str(cfg.data_dir), "--font", str(font)]
     data_args += ["--limit", str(cfg.limit)] if cfg.limit else []
     data = _stage(cfg, "data", lambda _: data_args, data_state, {}, say, run)
-    if not _is_done(cfg, "train", model_state(cfg), data) and _read_marker(cfg, "train") is not None:
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)  # trained on other data: start over
+    # A run is reused only for the same data and the same architecture (a new release may change what
+    # `small` is).
+    train_upstream = {**data, "architecture": _architecture(cfg.model)}
+    if (
+        not _is_done(cfg, "train", model_state(cfg), train_upstream)
+        and _read_marker(cfg, "train") is not None
+    ):
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)  # trained on other data or model: start over
         _marker(cfg, "train").unlink()
-    model = _stage(cfg, "train", _train_args, model_state, data, say, run)
+    model = _stage(cfg, "train", _train_args, model_state, train_upstream, say, run)
     index_args = ["index", "--model", str(cfg.model_dir), "--images", str(cfg.data_dir / "captions.csv")]
     index_args += ["--bundles", str(cfg.bundles_dir), "--device", cfg.device]
     index = _stage(cfg, "index", lambda _: index_args, index_state, model, say, run)

@@ -339,8 +339,20 @@ class Encoder:
             if trim and self.can_trim_texts:
                 feats = self._encode_text_trimmed(tokens)
             else:
+                if trim and self._hf_pad_id is not None:
+                    # A Hugging Face tower masks padding (on the right), so cutting the columns past the
+                    # batch's longest text changes nothing but the cost.
+                    used = int(tokens.ne(self._hf_pad_id).sum(dim=1).max().item())
+                    tokens = tokens[:, : max(1, used)]
                 feats = self.model.encode_text(tokens, normalize=True)
         return _to_numpy(feats)
+
+    @property
+    def _hf_pad_id(self) -> int | None:
+        text = getattr(self.model, "text", None)
+        config = getattr(text, "config", None)
+        pad = getattr(config, "pad_token_id", None)
+        return int(pad) if pad is not None and hasattr(text, "transformer") else None
 
     @property
     def can_trim_texts(self) -> bool:

@@ -25,7 +25,7 @@ class ModelSpec:
     model: str | None = None  # shipped name, open_clip name, JSON path or model dir; None: `small`
     pretrained: str | None = None  # open_clip tag, checkpoint file, or model dir of an earlier run
     lock_image: bool = False
-    lock_text: bool = False
+    lock_text: bool | None = None  # None: locked when the text tower is a pretrained HF language model
     unlocked_layers: int = 0  # with a lock: the last N layers (groups for the image tower) stay trainable
 
 
@@ -80,7 +80,7 @@ class TrainConfig:
             raise ConfigError("--batch-size must be at least 2 and --accum-steps at least 1")
         if not 0 <= self.optim.warmup < 1:
             raise ConfigError("--warmup is a fraction of the run in [0, 1)")
-        if self.model.unlocked_layers and not (self.model.lock_image or self.model.lock_text):
+        if self.model.unlocked_layers and not (self.model.lock_image or self.model.lock_text is not False):
             raise ConfigError("--unlocked-layers only applies with --lock-image or --lock-text")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError("--crop-scale must be in (0, 1]")

@@ -150,6 +150,8 @@ def write_run_config(run: Run) -> None:
         "resolved": {
             "model_name": run.built.name,
             "model_cfg": run.built.model_cfg,
+            "text_locked": run.built.text_locked,
+            "text_features_cached": run.frozen_text.what if run.frozen_text else None,
             "device": str(run.device),
             "train_images": len(run.train.pixels),
             "train_pairs": run.train.n_pairs,

@@ -9,6 +9,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.hf_model import HFTextEncoder
 
 from indexer.compact_embedding import full_token_embedding
 from indexer.loss import model_kwargs_for_loss
@@ -38,6 +39,7 @@ class BuiltModel:
     preprocess: Any  # open_clip's eval transform; its geometry is applied once, at caching
     tokenizer: Any
     image_size: int
+    text_locked: bool = False
 
     def shorten_context(self, length: int) -> int:
         """Let the text tower run on `length` tokens instead of its full context; returns the length used.
@@ -104,7 +106,8 @@ def build_model(spec: ModelSpec, loss: str, device: torch.device) -> BuiltModel:
         raise ModelError(f"cannot build model {name!r}: {str(e).splitlines()[0] if str(e) else e}") from e
     if spec.pretrained and is_file:
         _load_pretrained(model, spec.pretrained)
-    lock_towers(model, spec.lock_image, spec.lock_text, spec.unlocked_layers)
+    lock_text = _lock_text(spec, model)
+    lock_towers(model, spec.lock_image, lock_text, spec.unlocked_layers)
     model_cfg = dict(model_config(name))
     model_cfg.update({k: v for k, v in extra.items() if k == "init_logit_bias"})
     if "text_cfg" in dir_kw:
@@ -116,7 +119,23 @@ def build_model(spec: ModelSpec, loss: str, device: torch.device) -> BuiltModel:
         preprocess=preprocess,
         tokenizer=open_clip.get_tokenizer(name),  # a model dir's own tokenizer files
         image_size=_image_size(model),
+        text_locked=lock_text,
     )
+
+
+def _lock_text(spec: ModelSpec, model: Any) -> bool:
+    """An explicit --lock-text/--no-lock-text, else: lock a pretrained language model (a Hugging Face text
+    tower). With little data and compute, training it only forgets what it knows about words the captions
+    never use, which is what a retrieval model meets in queries (the LiT finding); locked, its features
+    are computed once per caption (`indexer.frozen_text`) and a step costs the image tower alone."""
+    if spec.lock_text is not None:
+        return spec.lock_text
+    locked = isinstance(getattr(model, "text", None), HFTextEncoder)
+    if locked:
+        log.info("the text tower is a pretrained language model: locked (train it with --no-lock-text)")
+    if spec.unlocked_layers and not (spec.lock_image or locked):
+        raise ModelError("--unlocked-layers only applies with --lock-image or --lock-text")
+    return locked
 
 
 def _image_size(model: Any) -> int:

@@ -81,6 +81,18 @@ def test_changed_model_is_retrained_and_reindexed(cfg, tiny_model_dir, tmp_path)
     assert second != first
 
 
+def test_a_new_architecture_behind_the_same_name_is_retrained(cfg, tiny_model_dir, monkeypatch):
+    """A release that changes what `small` is must not keep serving a model of the old architecture."""
+    import indexer.demo
+
+    prepare(cfg, say=lambda _: None, run=FakeClipsearch(cfg, tiny_model_dir))
+    real = indexer.demo._architecture
+    monkeypatch.setattr(indexer.demo, "_architecture", lambda spec: {**real(spec), "embed_dim": 999})
+    fake = FakeClipsearch(cfg, tiny_model_dir)
+    prepare(cfg, say=lambda _: None, run=fake)
+    assert fake.calls[0][:2] == ["train", "--train"]  # retrained from scratch, not resumed or skipped
+
+
 def test_stage_that_leaves_invalid_output_is_an_error(cfg, tiny_model_dir):
     class NoIndex(FakeClipsearch):
         def __call__(self, args):

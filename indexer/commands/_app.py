@@ -52,3 +52,12 @@ def setup_logging(verbose: bool = False) -> None:
     )
     # open_clip logs a warning for every randomly initialised model; that is our normal case.
     logging.getLogger("root").setLevel(logging.ERROR if not verbose else logging.DEBUG)
+    if not verbose:
+        # Loading a sentence-transformers checkpoint into a bare BERT prints a "LOAD REPORT" table and a
+        # progress bar about its unused pooler head; the tower never uses that head.
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            return
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()

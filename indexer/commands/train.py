@@ -61,7 +61,15 @@ def train(
         typer.Option(help="open_clip tag, checkpoint file, or model dir of an earlier run (fine-tune)."),
     ] = None,
     lock_image: Annotated[bool, typer.Option(help="Freeze the image tower (LiT).")] = False,
-    lock_text: Annotated[bool, typer.Option(help="Freeze the text tower.")] = False,
+    lock_text: Annotated[
+        bool | None,
+        typer.Option(
+            "--lock-text/--no-lock-text",
+            help="Freeze the text tower. Default: frozen when it is a pretrained language model "
+            "(a Hugging Face tower, as in `small`), trained otherwise.",
+            show_default=False,
+        ),
+    ] = None,
     unlocked_layers: Annotated[
         int, typer.Option(help="With a lock: leave the last N layers/groups trainable.")
     ] = 0,

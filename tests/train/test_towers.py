@@ -12,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from indexer.bundle import open_bundle
 from indexer.model import Encoder, package_path
 from indexer.train import train
+from tests.index.helpers import make_folder, run_index
 from tests.train.conftest import tiny_config
 
 
@@ -78,6 +80,17 @@ def test_hf_tower_model_dir_stands_on_its_own(tmp_path: Path, colours: Path, cnn
     shutil.rmtree(result.run_dir)
     after = Encoder.from_dir(moved, "cpu").encode_texts(["a red square", "blue"])
     assert after.shape == (2, 32) and float(abs(after - before).max()) < 1e-5
+    # ... is what a bundle carries and the service loads ...
+    index_dir = make_folder(tmp_path / "photos", 3)
+    result_index = run_index(moved, index_dir, tmp_path / "bundles")
+    bundle = open_bundle(tmp_path / "bundles")  # verifies every file the manifest lists
+    try:
+        in_bundle = {Path(rel).name for rel in bundle.manifest.files if rel.startswith("model/")}
+        assert {"config.json", "tokenizer.json", "open_clip_model.safetensors"} <= in_bundle
+        served = Encoder.from_dir(bundle.model_dir, "cpu").encode_texts(["a red square", "blue"])
+        assert result_index.images == 3 and float(abs(served - before).max()) < 1e-5
+    finally:
+        bundle.close()
     # ... and fine-tunes from where it now is, into a new dir that again stands on its own.
     tuned = train(
         tiny_config(tmp_path / "tuned", colours, epochs=1, model={"model": None, "pretrained": str(moved)})
@@ -85,3 +98,39 @@ def test_hf_tower_model_dir_stands_on_its_own(tmp_path: Path, colours: Path, cnn
     cfg = json.loads((tuned.run_dir / "model" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
     assert cfg["hf_model_name"] == str((tuned.run_dir / "model").resolve())
     assert Encoder.from_dir(tuned.run_dir / "model", "cpu").encode_texts(["teal"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("lock_text", [None, False])
+def test_pretrained_language_tower_is_locked_by_default(
+    tmp_path: Path, colours: Path, cnn_bert_config: Path, lock_text: bool | None
+) -> None:
+    """No flag: a Hugging Face text tower is locked (its features cached); --no-lock-text trains it."""
+    spec = {"model": str(cnn_bert_config), "lock_text": lock_text}
+    result = train(tiny_config(tmp_path / "run", colours, epochs=1, model=spec, optim={"batch_size": 4}))
+    resolved = json.loads((result.run_dir / "config.json").read_text())["resolved"]
+    after = load_file(str(result.run_dir / "model" / "open_clip_model.safetensors"))
+    before = open_clip.create_model("cnn-minilm").state_dict()
+    key = "text.transformer.encoder.layer.0.attention.self.query.weight"
+    if lock_text is None:
+        assert resolved["text_locked"] and resolved["text_features_cached"] == "transformer"
+        assert torch.equal(before[key], after[key])
+    else:
+        assert not resolved["text_locked"] and resolved["text_features_cached"] is None
+        assert not torch.equal(before[key], after[key])
+
+
+def test_hf_tower_queries_run_only_their_own_length(
+    tmp_path: Path, colours: Path, cnn_bert_config: Path
+) -> None:
+    """The service's trimmed text path cuts a BERT tower's padding: the same vectors, shorter sequences."""
+    result = train(tiny_config(tmp_path / "run", colours, epochs=1, model={"model": str(cnn_bert_config)}))
+    enc = Encoder.from_dir(result.run_dir / "model", "cpu")
+    lengths: list[int] = []
+    hook = enc.model.text.transformer.register_forward_pre_hook(
+        lambda _m, _a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    texts = ["red", "a light blue square"]
+    full, trimmed = enc.encode_texts(texts), enc.encode_texts(texts, trim=True)
+    hook.remove()
+    assert float(abs(full - trimmed).max()) < 1e-5
+    assert lengths[0] == 16 and lengths[1] < 10  # context 16; "[CLS] a light blue square [SEP]" is short
