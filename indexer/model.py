@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -112,11 +112,15 @@ def save_model_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: P
     return out_dir
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 20, copy_to: Path | None = None) -> str:
+    """sha256 of a file's bytes; with `copy_to`, also writes those bytes there (one read for both)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, ExitStack() as stack:
+        out = stack.enter_context(open(copy_to, "wb")) if copy_to is not None else None
         while block := f.read(chunk):
             h.update(block)
+            if out is not None:
+                out.write(block)
     return h.hexdigest()
 
 
