@@ -167,8 +167,12 @@ class Encoder:
         self.amp_dtype: torch.dtype | None = torch.float16
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto") -> Encoder:
-        """Load a saved model dir (open_clip local-dir layout)."""
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", fingerprint: str | None = None) -> Encoder:
+        """Load a saved model dir (open_clip local-dir layout).
+
+        `fingerprint`: the weights' sha256 when the caller has just computed it (the indexer), so the
+        weights are not read a second time only to hash them; by default they are hashed here.
+        """
         model_dir = Path(model_dir)
         if not (model_dir / CONFIG_NAME).is_file() or not (model_dir / WEIGHTS_NAME).is_file():
             raise ModelError(f"{model_dir} is not a model dir: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -184,7 +188,7 @@ class Encoder:
             context_length=int(
                 getattr(model, "context_length", 0) or cfg["model_cfg"]["text_cfg"].get("context_length", 77)
             ),
-            fingerprint=model_fingerprint(model_dir),
+            fingerprint=fingerprint or model_fingerprint(model_dir),
             preprocess=dict(getattr(model.visual, "preprocess_cfg", {})),
         )
         return cls(model, preprocess, tokenizer, dev, info)

@@ -1,19 +1,72 @@
-"""What an incremental re-run reads: the model weights once, no file twice, and nothing unverified."""
+"""What an incremental re-run reads: the model weights once, no file twice, and nothing unverified.
+
+Behaviour, not timing: every `file_sha256` call of the run is recorded (wherever the function was
+imported), so reading the ~600 MB weights of a real model three times per run cannot creep back.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
+import pytest
+
+from indexer import model as model_module
 from indexer.bundle import MODEL_DIR, read_current
 from indexer.bundle_ops import verify
 from indexer.model import WEIGHTS_NAME, model_fingerprint
-from tests.index.helpers import run_index
+from tests.index.helpers import make_image, run_index
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Paths `file_sha256` reads from now on, in call order, in every project module that uses it."""
+    calls: list[Path] = []
+    original = model_module.file_sha256
+
+    def counting(path: Path, *args: object, **kwargs: object) -> str:
+        calls.append(Path(path))
+        return original(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] in ("indexer", "service") and getattr(mod, "file_sha256", None) is original:
+            monkeypatch.setattr(mod, "file_sha256", counting)
+    return calls
 
 
 def _weights(bundles: Path, version: str | None = None) -> Path:
     return bundles / (version or read_current(bundles)) / MODEL_DIR / WEIGHTS_NAME
+
+
+def test_incremental_run_reads_the_weights_once_and_no_file_twice(tiny_model_dir, folder, tmp_path, hashed):
+    bundles = tmp_path / "bundles"
+    run_index(tiny_model_dir, folder, bundles)
+    first = [p for p in hashed if p.name == WEIGHTS_NAME]
+    assert len(first) <= 2, f"a first run hashes the weights to fingerprint and to copy them: {first}"
+    prev = read_current(bundles)
+    hashed.clear()
+
+    make_image(folder / "img01.png", seed=101)  # one changed image: the model has to be loaded
+    res = run_index(tiny_model_dir, folder, bundles)
+
+    assert res.embedded == 1 and res.bundle != prev
+    weights = [p for p in hashed if p.name == WEIGHTS_NAME]
+    assert len(weights) <= 1, f"the weights were read {len(weights)} times: {weights}"
+    assert len(hashed) == len(set(hashed)), f"a file was hashed twice: {hashed}"
+    assert os.stat(_weights(bundles)).st_ino == os.stat(_weights(bundles, prev)).st_ino, "linked, not copied"
+    assert verify(bundles) == {prev: None, res.bundle: None}, "`clipsearch bundles verify` passes both"
+
+
+def test_unchanged_rerun_reads_the_weights_at_most_once(tiny_model_dir, folder, tmp_path, hashed):
+    bundles = tmp_path / "bundles"
+    run_index(tiny_model_dir, folder, bundles)
+    hashed.clear()
+    res = run_index(tiny_model_dir, folder, bundles)
+    assert res.embedded == 0
+    assert len([p for p in hashed if p.name == WEIGHTS_NAME]) <= 1
+    assert verify(bundles, [res.bundle]) == {res.bundle: None}
 
 
 def test_tampered_weights_in_the_previous_bundle_are_not_linked(tiny_model_dir, folder, tmp_path, caplog):
