@@ -224,6 +224,11 @@ class FileStates:
         rows = self._conn.execute("SELECT key, size, mtime_ns, sha256, nbytes FROM files")
         return {k: FileState(s, m, h, n) for k, s, m, h, n in rows}
 
+    def get(self, key: str) -> FileState | None:
+        sql = "SELECT size, mtime_ns, sha256, nbytes FROM files WHERE key = ?"
+        row = self._conn.execute(sql, (key,)).fetchone()
+        return FileState(*row) if row else None
+
     def put(self, rows: Iterable[tuple[str, FileState]]) -> None:
         data = [(k, f.size, f.mtime_ns, f.sha256, f.nbytes) for k, f in rows]
         with self._conn:

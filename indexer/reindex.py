@@ -104,7 +104,7 @@ def _fingerprint(model_dir: Path, states: FileStates, full: bool) -> str:
     weights = (model_dir / WEIGHTS_NAME).resolve()
     st = weights.stat()
     key = MODEL_KEY_PREFIX + str(weights)
-    old = states.load().get(key)
+    old = states.get(key)
     if not full and old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
         return old.sha256
     sha = file_sha256(weights)

@@ -16,6 +16,7 @@ import pytest
 from indexer import model as model_module
 from indexer.bundle import MODEL_DIR, read_current
 from indexer.bundle_ops import verify
+from indexer.cache import FileState, FileStates
 from indexer.model import WEIGHTS_NAME, model_fingerprint
 from tests.index.helpers import make_image, run_index
 
@@ -92,3 +93,29 @@ def test_tampered_weights_in_the_previous_bundle_are_not_linked(tiny_model_dir, 
     result = verify(bundles)
     assert result[res.bundle] is None
     assert "does not match its sha256" in (result[prev] or ""), "the damaged bundle still fails"
+
+
+def test_incremental_run_reads_the_file_table_once_and_writes_back_only_changes(
+    tiny_model_dir, folder, tmp_path, monkeypatch
+):
+    bundles = tmp_path / "bundles"
+    run_index(tiny_model_dir, folder, bundles)
+    stored: list[str] = []
+    loads: list[int] = []
+    put, load = FileStates.put, FileStates.load
+
+    def counting_put(self: FileStates, rows: object) -> None:
+        rows = list(rows)  # type: ignore[call-overload]
+        stored.extend(key for key, _ in rows)
+        put(self, rows)
+
+    def counting_load(self: FileStates) -> dict[str, FileState]:
+        loads.append(1)
+        return load(self)
+
+    monkeypatch.setattr(FileStates, "put", counting_put)
+    monkeypatch.setattr(FileStates, "load", counting_load)
+    make_image(folder / "img01.png", seed=101)
+    assert run_index(tiny_model_dir, folder, bundles).updated == 1
+    assert stored == [str((folder / "img01.png").resolve())]
+    assert len(loads) == 1
