@@ -197,11 +197,18 @@ def _walk_files(root: Path) -> dict[tuple[str, ...], str]:
                         continue
                     if entry.is_dir(follow_symlinks=False):
                         todo.append(((*rel, entry.name), entry.path))
-                    elif entry.is_file():
+                    elif _is_file(entry):
                         files[(*rel, entry.name)] = entry.path
         except PermissionError:
             continue
     return files
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop, say: `Path.is_file` says False there too
+        return False
 
 
 def iter_folder(root: Path) -> Iterator[Record]:

@@ -92,6 +92,7 @@ def test_folder_walk_matches_rglob_order_and_rules(tmp_path):
     (root / "link.png").symlink_to(root / "A.png")  # a symlink to a file is a file
     (root / "linked").symlink_to(root / "a")  # a symlinked folder is not entered
     (root / "dangling.png").symlink_to(root / "missing.png")
+    (root / "loop.png").symlink_to(root / "loop.png")
     got = list(iter_folder(root))
     assert got == _folder_by_rglob(root)
     assert [r.path.relative_to(root.resolve()).as_posix() for r in got] == [
