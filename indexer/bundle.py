@@ -7,6 +7,7 @@ Read side (`open_bundle`, `verify_bundle`, `ItemStore`) is what the service uses
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -14,7 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,8 @@ TMP_PREFIX = ".tmp-"
 LEASE_TTL_S = 600.0
 
 ItemKind = Literal["image", "text"]
+
+log = logging.getLogger(__name__)
 
 
 class BundleError(ClipsearchError, RuntimeError):
@@ -192,8 +195,59 @@ def load_manifest(root: Path) -> BundleManifest:
         raise BundleError(f"{root.name}: {MANIFEST} is invalid at {where}: {first['msg']}") from e
 
 
-def verify_files(root: Path, manifest: BundleManifest, checksums: bool = True) -> None:
-    """Every file the manifest lists exists with its size (and sha256); the model fingerprint agrees."""
+@dataclass(frozen=True)
+class FileStamp:
+    """A file as `stat` sees it: the same (size, mtime, inode) means the same file, not rewritten."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp:
+        st = os.stat(path)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
+class HashedFile:
+    """A sha256 computed by this process, with the stamp of the file whose bytes it is."""
+
+    sha256: str
+    stamp: FileStamp
+
+    def still_holds(self, path: Path) -> bool:
+        """`path` is the file that was hashed and has not changed since."""
+        try:
+            return FileStamp.of(path) == self.stamp
+        except OSError:
+            return False
+
+
+def hash_file(path: Path, copy_to: Path | None = None) -> HashedFile:
+    """Hash `path`, or copy it to `copy_to` hashing the bytes written (then the stamp is the copy's)."""
+    if copy_to is not None:
+        sha = file_sha256(path, copy_to=copy_to)
+        return HashedFile(sha, FileStamp.of(copy_to))
+    before = FileStamp.of(path)
+    sha = file_sha256(path)
+    if FileStamp.of(path) != before:
+        raise BundleError(f"{path} changed while it was being hashed")
+    return HashedFile(sha, before)
+
+
+def verify_files(
+    root: Path,
+    manifest: BundleManifest,
+    checksums: bool = True,
+    known: Mapping[str, HashedFile] | None = None,
+) -> None:
+    """Every file the manifest lists exists with its size (and sha256); the model fingerprint agrees.
+
+    `known` (the indexer's verify-on-publish only): sha256s this process computed for files it has just
+    written or linked, by manifest path; such a file is not read again while `still_holds` is true.
+    """
+    known = known or {}
     for rel, entry in manifest.files.items():
         path = root / rel
         if not path.is_file():
@@ -202,11 +256,16 @@ def verify_files(root: Path, manifest: BundleManifest, checksums: bool = True) -
             raise BundleError(
                 f"{root.name}: {rel} is {path.stat().st_size} bytes, manifest says {entry.size}"
             )
-        if checksums and file_sha256(path) != entry.sha256:
+        if checksums and _sha256_now(path, known.get(rel)) != entry.sha256:
             raise BundleError(f"{root.name}: {rel} does not match its sha256 in the manifest")
     weights = f"{MODEL_DIR}/{WEIGHTS_NAME}"
     if weights not in manifest.files or manifest.files[weights].sha256 != manifest.model.fingerprint:
         raise BundleError(f"{root.name}: model weights do not match the manifest's model fingerprint")
+
+
+def _sha256_now(path: Path, hashed: HashedFile | None) -> str:
+    """`hashed`'s sha256 while it still describes `path`, else `path` read and hashed now."""
+    return hashed.sha256 if hashed is not None and hashed.still_holds(path) else file_sha256(path)
 
 
 def _check_index(root: Path, index: faiss.Index, spec: IndexSpec, dim: int, what: str) -> None:
@@ -218,13 +277,18 @@ def _check_index(root: Path, index: faiss.Index, spec: IndexSpec, dim: int, what
         )
 
 
-def open_bundle_dir(root: Path, checksums: bool = True) -> Bundle:
-    """Open and verify one bundle directory (checksums, dimensions, counts, model fingerprint)."""
+def open_bundle_dir(
+    root: Path, checksums: bool = True, known: Mapping[str, HashedFile] | None = None
+) -> Bundle:
+    """Open and verify one bundle directory (checksums, dimensions, counts, model fingerprint).
+
+    `known` is for the indexer's own verify-on-publish only (see `verify_files`); readers leave it unset.
+    """
     root = Path(root)
     if not root.is_dir():
         raise BundleError(f"bundle {root} does not exist")
     manifest = load_manifest(root)
-    verify_files(root, manifest, checksums=checksums)
+    verify_files(root, manifest, checksums=checksums, known=known)
     try:
         image_index = faiss.read_index(str(root / manifest.images.file))
         text_index = faiss.read_index(str(root / manifest.texts.file))
@@ -348,6 +412,8 @@ class BundleContents:
     stats: dict[str, Any] | None = None
     # A published bundle's model dir holding the same weights: its files are hard-linked, not copied
     # (bundles are immutable, so sharing an inode is safe and saves a copy of the weights per run).
+    # Its weights are hashed before they are linked; if they do not match `model.fingerprint` they are
+    # copied from `model_dir` instead.
     link_model_from: Path | None = None
 
 
@@ -375,8 +441,8 @@ def publish(bundles_dir: Path, contents: BundleContents, hook: Callable[[str], N
     tmp = bundles_dir / f"{TMP_PREFIX}{version}"
     tmp.mkdir()
     try:
-        _write_contents(tmp, version, contents)
-        open_bundle_dir(tmp).close()
+        known = _write_contents(tmp, version, contents)
+        open_bundle_dir(tmp, known=known).close()
         hook("publish-written")
         final = bundles_dir / version
         os.rename(tmp, final)
@@ -399,24 +465,49 @@ def set_current(bundles_dir: Path, version: str) -> None:
 
 
 def _copy_or_link(src: Path, dst: Path, link_dir: Path | None) -> None:
+    """A small file: hard-linked from `link_dir` when its bytes there are the same, else copied."""
     linked = link_dir / src.name if link_dir is not None else None
-    if linked is not None and linked.is_file() and linked.stat().st_size == src.stat().st_size:
-        same = src.name == WEIGHTS_NAME or linked.read_bytes() == src.read_bytes()
-        if same:
-            try:
-                os.link(linked, dst)
-                return
-            except OSError:
-                pass  # another filesystem, or links unsupported: copy instead
+    if linked is not None and linked.is_file() and linked.read_bytes() == src.read_bytes():
+        try:
+            os.link(linked, dst)
+            return
+        except OSError:
+            pass  # another filesystem, or links unsupported: copy instead
     shutil.copyfile(src, dst)
 
 
-def _write_contents(tmp: Path, version: str, c: BundleContents) -> None:
+def _place_weights(c: BundleContents, dst: Path) -> HashedFile:
+    """Put the weights at `dst` and return their sha256, reading them once in all.
+
+    The previous bundle's weights are hashed (verified) here before they are shared with the new
+    bundle, so a damaged or tampered file there is never linked unread: it is copied from the model dir
+    instead. The copy is hashed as it is written; `verify_files` then checks it against the fingerprint.
+    """
+    if c.link_model_from is not None:
+        prev = c.link_model_from / WEIGHTS_NAME
+        try:
+            hashed = hash_file(prev)
+            if hashed.sha256 == c.model.fingerprint:
+                os.link(prev, dst)
+                if hashed.still_holds(dst):
+                    return hashed
+            else:
+                log.warning("%s does not match the model's fingerprint; copying the weights instead", prev)
+        except (OSError, BundleError) as e:  # gone, another filesystem, or changed while hashed
+            log.info("not linking %s (%s); copying the weights instead", prev, e)
+        dst.unlink(missing_ok=True)
+    return hash_file(c.model_dir / WEIGHTS_NAME, copy_to=dst)
+
+
+def _write_contents(tmp: Path, version: str, c: BundleContents) -> dict[str, HashedFile]:
+    """Write the bundle's files and manifest into `tmp`; returns the sha256s computed on the way."""
     model_out = tmp / MODEL_DIR
     model_out.mkdir()
     names = model_files(c.model_dir)
     for name in names:
-        _copy_or_link(c.model_dir / name, model_out / name, c.link_model_from)
+        if name != WEIGHTS_NAME:
+            _copy_or_link(c.model_dir / name, model_out / name, c.link_model_from)
+    known = {f"{MODEL_DIR}/{WEIGHTS_NAME}": _place_weights(c, model_out / WEIGHTS_NAME)}
     faiss.write_index(c.image_index, str(tmp / c.images.file))
     faiss.write_index(c.text_index, str(tmp / c.texts.file))
     write_items(tmp / ITEMS_DB, c.items)
@@ -433,7 +524,9 @@ def _write_contents(tmp: Path, version: str, c: BundleContents) -> None:
     files = {}
     for rel in rels:
         _fsync_file(tmp / rel)
-        files[rel] = FileEntry(sha256=file_sha256(tmp / rel), size=(tmp / rel).stat().st_size)
+        if rel not in known:
+            known[rel] = hash_file(tmp / rel)
+        files[rel] = FileEntry(sha256=known[rel].sha256, size=known[rel].stamp.size)
     manifest = BundleManifest(
         version=version,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -447,3 +540,4 @@ def _write_contents(tmp: Path, version: str, c: BundleContents) -> None:
     _fsync_file(tmp / MANIFEST)
     _fsync_dir(model_out)
     _fsync_dir(tmp)
+    return known

@@ -44,13 +44,6 @@ class CacheCorrupt(ClipsearchError, RuntimeError):
     """The embedding cache holds data that cannot be trusted."""
 
 
-@dataclass(frozen=True)
-class CachedVector:
-    vec: np.ndarray  # (dim,) float32, L2-normalised
-    width: int | None
-    height: int | None
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path)
     # WAL + NORMAL: a committed batch survives a killed process; only power loss may drop the last one.
@@ -130,17 +123,6 @@ class EmbeddingCache:
         with self._conn:
             self._conn.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?)", data)
 
-    def get(self, kind: str, shas: Sequence[str]) -> dict[str, CachedVector]:
-        out: dict[str, CachedVector] = {}
-        for part in _chunks(list(dict.fromkeys(shas))):
-            sql = (
-                "SELECT sha256, vec, width, height FROM vectors "
-                f"WHERE kind = ? AND sha256 IN ({','.join('?' * len(part))})"
-            )
-            for sha, blob, w, h in self._conn.execute(sql, (kind, *part)):
-                out[sha] = CachedVector(self._decode(blob), w, h)
-        return out
-
     def sizes(self, kind: str, shas: Sequence[str]) -> dict[str, tuple[int | None, int | None]]:
         """(width, height) recorded with each vector, without reading the vectors."""
         out: dict[str, tuple[int | None, int | None]] = {}
@@ -150,21 +132,33 @@ class EmbeddingCache:
             out.update((sha, (w, h)) for sha, w, h in self._conn.execute(sql, (kind, *part)))
         return out
 
-    def _decode(self, blob: bytes) -> np.ndarray:
-        vec = np.frombuffer(blob, dtype=np.float32)
-        if vec.shape[0] != self.dim or not np.isfinite(vec).all():
-            raise CacheCorrupt(f"{self.path} holds a damaged vector; rerun with --full to rebuild it")
-        return vec
-
     def blocks(self, kind: str, shas: Sequence[str], block: int = 4096) -> Iterator[np.ndarray]:
         """(<=block, dim) float32 arrays of the vectors of `shas`, in that order (FAISS-style streaming)."""
         for i in range(0, len(shas), block):
             part = shas[i : i + block]
-            got = self.get(kind, part)
-            missing = [s for s in part if s not in got]
+            blobs = self._blobs(kind, part)
+            missing = [s for s in part if s not in blobs]
             if missing:
                 raise CacheCorrupt(f"{self.path} lost the vector of {missing[0][:12]}; rerun to re-embed")
-            yield np.stack([got[s].vec for s in part]) if part else np.zeros((0, self.dim), np.float32)
+            yield self._decode([blobs[s] for s in part])
+
+    def _blobs(self, kind: str, shas: Sequence[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for part in _chunks(list(dict.fromkeys(shas))):
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT sha256, vec FROM vectors WHERE kind = ? AND sha256 IN ({marks})"
+            out.update(self._conn.execute(sql, (kind, *part)))
+        return out
+
+    def _decode(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """(len(blobs), dim) float32 in one piece; a wrong length or a non-finite value means damage."""
+        damaged = CacheCorrupt(f"{self.path} holds a damaged vector; rerun with --full to rebuild it")
+        if any(len(b) != self.dim * 4 for b in blobs):
+            raise damaged
+        vecs = np.frombuffer(bytearray().join(blobs), dtype=np.float32).reshape(len(blobs), self.dim)
+        if not np.isfinite(vecs).all():
+            raise damaged
+        return vecs
 
     def prune(self, keep: dict[str, set[str]]) -> int:
         """Delete vectors whose (kind, sha) is not in `keep`; returns how many went."""
@@ -223,6 +217,11 @@ class FileStates:
     def load(self) -> dict[str, FileState]:
         rows = self._conn.execute("SELECT key, size, mtime_ns, sha256, nbytes FROM files")
         return {k: FileState(s, m, h, n) for k, s, m, h, n in rows}
+
+    def get(self, key: str) -> FileState | None:
+        sql = "SELECT size, mtime_ns, sha256, nbytes FROM files WHERE key = ?"
+        row = self._conn.execute(sql, (key,)).fetchone()
+        return FileState(*row) if row else None
 
     def put(self, rows: Iterable[tuple[str, FileState]]) -> None:
         data = [(k, f.size, f.mtime_ns, f.sha256, f.nbytes) for k, f in rows]

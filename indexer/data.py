@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -174,10 +175,40 @@ def read_jsonl(path: Path, image_column: str, caption_column: str) -> list[Recor
 
 
 def _read_caption_file(path: Path) -> tuple[str, ...]:
-    if not path.is_file():
-        return ()
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     return tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
+
+
+def _walk_files(root: Path) -> dict[tuple[str, ...], str]:
+    """Relative parts -> path of every file below `root`, skipping hidden names and what is below them.
+
+    One `scandir` per folder, whose listing tells files from folders without a `stat` per file (the
+    cost of `rglob` + `is_file` on a large collection). Like `rglob`, symlinked folders are not
+    entered and unreadable folders are skipped; a symlink to a file is a file.
+    """
+    files: dict[tuple[str, ...], str] = {}
+    todo: list[tuple[tuple[str, ...], str]] = [((), str(root))]
+    while todo:
+        rel, folder = todo.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(((*rel, entry.name), entry.path))
+                    elif _is_file(entry):
+                        files[(*rel, entry.name)] = entry.path
+        except PermissionError:
+            continue
+    return files
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop, say: `Path.is_file` says False there too
+        return False
 
 
 def iter_folder(root: Path) -> Iterator[Record]:
@@ -185,12 +216,14 @@ def iter_folder(root: Path) -> Iterator[Record]:
 
     The caption of `a/b.jpg` is `a/b.txt` (one caption per line) when it exists.
     """
-    root = root.resolve()
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not _is_image(p):
+    files = _walk_files(root.resolve())
+    for rel in sorted(files):  # the order of `sorted(Path...)`: part by part
+        stem, ext = os.path.splitext(rel[-1])
+        if ext.lower() not in IMAGE_EXTENSIONS:
             continue
-        yield Record(key=str(p), captions=_read_caption_file(p.with_suffix(".txt")), path=p)
+        caption = files.get((*rel[:-1], stem + ".txt"))
+        captions = _read_caption_file(Path(caption)) if caption is not None else ()
+        yield Record(key=files[rel], captions=captions, path=Path(files[rel]))
 
 
 def iter_shards(shards: Sequence[Path]) -> Iterator[Record]:

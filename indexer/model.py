@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -223,11 +223,15 @@ def _save_hf_side_files(model: torch.nn.Module, model_cfg: dict[str, Any], out_d
     return {**model_cfg, "text_cfg": {**text_cfg, **names}}
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 20, copy_to: Path | None = None) -> str:
+    """sha256 of a file's bytes; with `copy_to`, also writes those bytes there (one read for both)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, ExitStack() as stack:
+        out = stack.enter_context(open(copy_to, "wb")) if copy_to is not None else None
         while block := f.read(chunk):
             h.update(block)
+            if out is not None:
+                out.write(block)
     return h.hexdigest()
 
 
@@ -274,8 +278,12 @@ class Encoder:
         self.amp_dtype: torch.dtype | None = torch.float16
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto") -> Encoder:
-        """Load a saved model dir (open_clip local-dir layout)."""
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", fingerprint: str | None = None) -> Encoder:
+        """Load a saved model dir (open_clip local-dir layout).
+
+        `fingerprint`: the weights' sha256 when the caller has just computed it (the indexer), so the
+        weights are not read a second time only to hash them; by default they are hashed here.
+        """
         model_dir = Path(model_dir)
         if not (model_dir / CONFIG_NAME).is_file() or not (model_dir / WEIGHTS_NAME).is_file():
             raise ModelError(f"{model_dir} is not a model dir: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -293,7 +301,7 @@ class Encoder:
             context_length=int(
                 getattr(model, "context_length", 0) or cfg["model_cfg"]["text_cfg"].get("context_length", 77)
             ),
-            fingerprint=model_fingerprint(model_dir),
+            fingerprint=fingerprint or model_fingerprint(model_dir),
             preprocess=dict(getattr(model.visual, "preprocess_cfg", {})),
         )
         return cls(model, preprocess, tokenizer, dev, info)

@@ -104,7 +104,7 @@ def _fingerprint(model_dir: Path, states: FileStates, full: bool) -> str:
     weights = (model_dir / WEIGHTS_NAME).resolve()
     st = weights.stat()
     key = MODEL_KEY_PREFIX + str(weights)
-    old = states.load().get(key)
+    old = states.get(key)
     if not full and old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
         return old.sha256
     sha = file_sha256(weights)
@@ -113,15 +113,19 @@ def _fingerprint(model_dir: Path, states: FileStates, full: bool) -> str:
 
 
 class LazyEncoder:
-    """Loads the model only if something has to be embedded (an unchanged re-run never builds it)."""
+    """Loads the model only if something has to be embedded (an unchanged re-run never builds it).
 
-    def __init__(self, model_dir: Path, device: str, embed: EmbedConfig) -> None:
-        self.model_dir, self.device, self.embed = model_dir, device, embed
+    `fingerprint` is the run's (`_fingerprint`), so loading does not read the weights again to hash them.
+    """
+
+    def __init__(self, model_dir: Path, device: str, embed: EmbedConfig, fingerprint: str) -> None:
+        self.model_dir, self.device, self.embed, self.fingerprint = model_dir, device, embed, fingerprint
         self._encoder: Encoder | None = None
 
     def get(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = apply_fast_path(Encoder.from_dir(self.model_dir, self.device), self.embed)
+            encoder = Encoder.from_dir(self.model_dir, self.device, fingerprint=self.fingerprint)
+            self._encoder = apply_fast_path(encoder, self.embed)
         return self._encoder
 
 
@@ -170,7 +174,7 @@ def _embed_and_publish(
     start: float,
 ) -> ReindexResult:
     work = cfg.bundles_dir / WORK_DIR
-    encoder = LazyEncoder(cfg.model_dir, cfg.device, cfg.embed)
+    encoder = LazyEncoder(cfg.model_dir, cfg.device, cfg.embed, cache.fingerprint)
     jobs = _image_jobs(scanned.images, cache)
     report = embed_images(encoder.get(), jobs, cache, cfg.embed, work) if jobs else None
     text_shas = [(text_sha256(t), t) for t in texts]

@@ -105,8 +105,9 @@ def scan(records: Sequence[Record], states: FileStates, full: bool) -> ScanResul
             images.append(SourceImage(rec, old, mtime))
         else:
             todo.append((rec, size, mtime_ns, mtime))
+    unchanged = len(images)
     hashed = _hash_all(todo, images, failed)
-    states.put((img.key, img.state) for img in images)
+    states.put((img.key, img.state) for img in images[unchanged:])  # the rest are stored as they are
     order = {r.key: i for i, r in enumerate(records)}
     images.sort(key=lambda img: order[img.key])
     return ScanResult(images=images, failed=failed, hashed=hashed)

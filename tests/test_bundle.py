@@ -12,11 +12,14 @@ from indexer.bundle import (
     BundleError,
     IndexSpec,
     clean_temp,
+    hash_file,
     leased_versions,
     list_versions,
+    load_manifest,
     open_bundle,
     publish,
     read_current,
+    verify_files,
     write_lease,
 )
 from tests.conftest import bundle_contents
@@ -41,6 +44,20 @@ def test_tampered_file_is_refused(tiny_model_dir, tmp_path):
     (root / "images.faiss").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         open_bundle(tmp_path)
+
+
+def test_known_sha256_is_trusted_only_while_the_file_is_unchanged(tiny_model_dir, tmp_path):
+    """The indexer's verify-on-publish skips files it has just hashed, but never one rewritten since."""
+    root = publish(tmp_path, bundle_contents(tiny_model_dir))
+    manifest = load_manifest(root)
+    known = {rel: hash_file(root / rel) for rel in manifest.files}
+    verify_files(root, manifest, known=known)
+    data = bytearray((root / "images.faiss").read_bytes())
+    data[-1] ^= 0xFF
+    (root / "images.faiss.new").write_bytes(bytes(data))
+    (root / "images.faiss.new").replace(root / "images.faiss")  # same size, new inode
+    with pytest.raises(BundleError, match=r"images\.faiss does not match its sha256"):
+        verify_files(root, manifest, known=known)
 
 
 def test_count_mismatch_is_refused_at_publish(tiny_model_dir, tmp_path):

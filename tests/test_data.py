@@ -9,7 +9,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from indexer.data import DataError, SourceSpec, read_records
+from indexer.data import DataError, Record, SourceSpec, iter_folder, read_records
+from indexer.images import IMAGE_EXTENSIONS
 
 
 def _png(colour=(255, 0, 0)) -> bytes:
@@ -62,6 +63,47 @@ def test_folder_with_txt_captions_skips_hidden_and_non_images(tmp_path):
     recs = read_records(SourceSpec(str(tmp_path)))
     assert [r.path.name for r in recs] == ["x.jpg", "y.png"]
     assert recs[0].captions == ("first", "second") and recs[1].captions == ()
+
+
+def _folder_by_rglob(root) -> list[Record]:
+    """The reference: `sorted(rglob)` with a `stat` per file, as `iter_folder` was first written."""
+    root = root.resolve()
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if p.is_file():
+            cap = p.with_suffix(".txt")
+            lines = cap.read_text().splitlines() if cap.is_file() else []
+            out.append(Record(key=str(p), captions=tuple(x.strip() for x in lines if x.strip()), path=p))
+    return out
+
+
+def test_folder_walk_matches_rglob_order_and_rules(tmp_path):
+    root = tmp_path / "c"
+    for rel in ("a/b.png", "a-c.png", "a.b.JPG", "A.png", "z/y/x.webp", ".h/in.png", "a/.in.png", "e.png."):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_png())
+    (root / "a.b.txt").write_text("dotted stem\n")
+    (root / "a" / "b.txt").write_text("nested\n")
+    (root / "dir.png").mkdir()  # a folder with an image name is not an image
+    (root / "z" / "y" / "x.txt").mkdir()  # nor is a folder a caption
+    (root / "link.png").symlink_to(root / "A.png")  # a symlink to a file is a file
+    (root / "linked").symlink_to(root / "a")  # a symlinked folder is not entered
+    (root / "dangling.png").symlink_to(root / "missing.png")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    got = list(iter_folder(root))
+    assert got == _folder_by_rglob(root)
+    assert [r.path.relative_to(root.resolve()).as_posix() for r in got] == [
+        "A.png",
+        "a/b.png",
+        "a-c.png",
+        "a.b.JPG",
+        "link.png",
+        "z/y/x.webp",
+    ]
+    assert got[1].captions == ("nested",) and got[3].captions == ("dotted stem",)
 
 
 def _shard(path, items):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from indexer.bundle import SKIPPED, open_bundle
-from indexer.cache import EmbeddingCache, cache_files
+from indexer.cache import CacheCorrupt, EmbeddingCache, cache_files
 from indexer.lock import LockError, exclusive_lock, lock_path
 from indexer.reindex import IndexingError
 from tests.conftest import run_cli
@@ -113,6 +113,23 @@ def test_cache_checks_on_open(tmp_path):
     assert other_dim.rebuilt and "4-d" in other_dim.rebuilt
     assert other_dim.known("image", ["a" * 64]) == set()
     other_dim.close()
+
+
+def test_cache_blocks_stream_vectors_in_order_and_refuse_damage(tmp_path):
+    c = EmbeddingCache(tmp_path, "f" * 64, 4)
+    rng = np.random.default_rng(0)
+    vecs = {f"{i:064x}": rng.normal(size=4).astype(np.float32) for i in range(7)}
+    c.put("image", [(sha, v, None, None) for sha, v in vecs.items()])
+    order = [*reversed(vecs), f"{3:064x}"]  # any order, duplicates included
+    blocks = list(c.blocks("image", order, block=3))
+    assert [len(b) for b in blocks] == [3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate(blocks), np.stack([vecs[sha] for sha in order]))
+    with pytest.raises(CacheCorrupt, match="lost the vector"):
+        list(c.blocks("image", ["9" * 64]))
+    c.put("image", [(f"{5:064x}", np.array([np.nan, 0, 0, 0], np.float32), None, None)])
+    with pytest.raises(CacheCorrupt, match="damaged vector"):
+        list(c.blocks("image", order))
+    c.close()
 
 
 def test_second_indexer_exits_at_once_naming_the_lock(tiny_model_dir, folder, tmp_path):
