@@ -67,7 +67,15 @@ def lock_towers(model: Any, lock_image: bool, lock_text: bool, unlocked_layers: 
     if lock_image:
         model.lock_image_tower(unlocked_groups=unlocked_layers, freeze_bn_stats=True)
     if lock_text:
-        model.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=True)
+        try:
+            model.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=True)
+        except KeyError as e:  # open_clip's layer map for Hugging Face towers lacks some model types
+            kind = getattr(getattr(getattr(model, "text", None), "config", None), "model_type", "this")
+            raise ClipsearchError(
+                f"--unlocked-layers is not supported for a {kind} text tower (open_clip has no layer map "
+                f"for it: missing {e}); lock the whole tower (--unlocked-layers 0) or train it "
+                "(--no-lock-text)"
+            ) from None
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
