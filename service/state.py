@@ -160,7 +160,12 @@ class ServiceState:
             if current is not None and current.encoder.info.fingerprint == fingerprint:
                 encoder = current.encoder  # same weights: no second model load
             else:
-                encoder = Encoder.from_dir(bundle.model_dir, device=self.settings.device)
+                # With checksums on, opening the bundle has just hashed the weights and matched them to
+                # this fingerprint: the encoder need not read them a second time to hash them again.
+                verified = fingerprint if self.settings.verify_checksums else None
+                encoder = Encoder.from_dir(
+                    bundle.model_dir, device=self.settings.device, fingerprint=verified
+                )
                 encoder.amp_dtype = _amp_dtype(self.settings.precision)
             return Snapshot(bundle=bundle, encoder=encoder, collection_root=collection_root(bundle))
         except BaseException:

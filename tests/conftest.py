@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from indexer import model as model_module
 from indexer.bundle import BundleContents, IndexSpec, Item, ModelRef
 from indexer.model import Encoder
 
@@ -115,3 +116,19 @@ def bundle_contents(model_dir, n_images=3, n_texts=2, dim=32) -> BundleContents:
         items=items,
         skipped=[{"path": "/x/bad.png", "reason": "truncated"}],
     )
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Paths `file_sha256` reads from now on, in call order, in every project module that uses it."""
+    calls: list[Path] = []
+    original = model_module.file_sha256
+
+    def counting(path: Path, *args: object, **kwargs: object) -> str:
+        calls.append(Path(path))
+        return original(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] in ("indexer", "service") and getattr(mod, "file_sha256", None) is original:
+            monkeypatch.setattr(mod, "file_sha256", counting)
+    return calls

@@ -8,33 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
-import pytest
-
-from indexer import model as model_module
 from indexer.bundle import MODEL_DIR, read_current
 from indexer.bundle_ops import verify
 from indexer.cache import FileState, FileStates
 from indexer.model import WEIGHTS_NAME, model_fingerprint
 from tests.index.helpers import make_image, run_index
-
-
-@pytest.fixture
-def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Paths `file_sha256` reads from now on, in call order, in every project module that uses it."""
-    calls: list[Path] = []
-    original = model_module.file_sha256
-
-    def counting(path: Path, *args: object, **kwargs: object) -> str:
-        calls.append(Path(path))
-        return original(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    for name, mod in list(sys.modules.items()):
-        if name.split(".")[0] in ("indexer", "service") and getattr(mod, "file_sha256", None) is original:
-            monkeypatch.setattr(mod, "file_sha256", counting)
-    return calls
 
 
 def _weights(bundles: Path, version: str | None = None) -> Path:

@@ -12,7 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from indexer.bundle import set_current
+from indexer.model import WEIGHTS_NAME, model_fingerprint
 from service.app import create_app
+from service.state import ServiceState
 from tests.conftest import make_colour_dataset
 from tests.service import helpers
 from tests.service.conftest import ADMIN_KEY, build_bundle, serving, settings_for
@@ -138,3 +140,21 @@ def test_reload_under_concurrent_load_never_fails_or_mixes(
     assert all(status == 200 for status, _, _ in results), {s for s, _, _ in results}
     assert all(count == sizes[bundle] for _, bundle, count in results)
     assert {bundle for _, bundle, _ in results} == {big, small}
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_loading_a_bundle_reads_the_weights_once(
+    bundles_dir: Path, hashed: list[Path], checksums: bool
+) -> None:
+    """Verification hashes the weights and checks them against the manifest's fingerprint; the model load
+    then trusts that fingerprint instead of hashing the same bytes again. Without checksums, the model load
+    is what hashes them, so the fingerprint the service reports is still the weights' own."""
+    state = ServiceState(settings_for(bundles_dir, verify_checksums=checksums))
+    assert state.reload().error is None
+    try:
+        weights = [p for p in hashed if p.name == WEIGHTS_NAME]
+        assert len(weights) == 1
+        snap = state.current
+        assert snap is not None and snap.encoder.info.fingerprint == model_fingerprint(snap.bundle.model_dir)
+    finally:
+        state.close()
