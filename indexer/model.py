@@ -139,13 +139,17 @@ def model_config(name: str) -> dict[str, Any]:
     return cast(dict[str, Any], cfg)
 
 
-def save_model_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path) -> Path:
+def save_model_dir(
+    model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path, tokenizer: Any = None
+) -> Path:
     """Write open_clip's saved-model layout (config JSON + safetensors), atomically per file.
 
-    Loadable by `open_clip.create_model_and_transforms("local-dir:OUT_DIR")`. No pickle.
+    Loadable by `open_clip.create_model_and_transforms("local-dir:OUT_DIR")`. No pickle. `tokenizer`:
+    the model's open_clip tokenizer when the caller has it loaded (a Hugging Face tower's is saved from
+    it instead of being loaded again from the config's path).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg = _save_hf_side_files(model, model_cfg, out_dir)
+    model_cfg = _save_hf_side_files(model, model_cfg, out_dir, tokenizer)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp_weights = out_dir / f".{WEIGHTS_NAME}.tmp"
     save_file(state, str(tmp_weights))
@@ -192,11 +196,7 @@ def model_dir_kwargs(model_dir: Path) -> dict[str, Any]:
     if "hf_model_name" not in text_cfg:
         return {}
     if (model_dir / "config.json").is_file():
-        here = str(model_dir.resolve())
-        names = {"hf_model_name": here} | (
-            {"hf_tokenizer_name": here} if "hf_tokenizer_name" in text_cfg else {}
-        )
-        return {"text_cfg": {**text_cfg, **names, "hf_model_pretrained": False}}
+        return {"text_cfg": {**_hf_names_at(text_cfg, model_dir), "hf_model_pretrained": False}}
     if Path(text_cfg["hf_model_name"]).is_dir():
         return {}
     raise ModelError(
@@ -205,7 +205,16 @@ def model_dir_kwargs(model_dir: Path) -> dict[str, Any]:
     )
 
 
-def _save_hf_side_files(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def _hf_names_at(text_cfg: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """`text_cfg` with its Hugging Face tower (and tokenizer, if named) located in `model_dir`."""
+    here = str(model_dir.resolve())
+    names = {"hf_model_name": here} | ({"hf_tokenizer_name": here} if "hf_tokenizer_name" in text_cfg else {})
+    return {**text_cfg, **names}
+
+
+def _save_hf_side_files(
+    model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path, tokenizer: Any = None
+) -> dict[str, Any]:
     """A Hugging Face text tower's config and tokenizer go into the model dir, which the saved config then
     names, so the dir stands on its own (`model_dir_kwargs` follows it when it moves)."""
     text_cfg = model_cfg.get("text_cfg", {})
@@ -215,12 +224,14 @@ def _save_hf_side_files(model: torch.nn.Module, model_cfg: dict[str, Any], out_d
     from transformers import AutoTokenizer
 
     text.config.save_pretrained(str(out_dir))
-    source = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
-    if Path(source).resolve() != out_dir.resolve():
-        AutoTokenizer.from_pretrained(source).save_pretrained(str(out_dir))
-    here = str(out_dir.resolve())
-    names = {"hf_model_name": here} | ({"hf_tokenizer_name": here} if "hf_tokenizer_name" in text_cfg else {})
-    return {**model_cfg, "text_cfg": {**text_cfg, **names}}
+    hf_tokenizer: Any = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps the HF one
+    if hf_tokenizer is not None and hasattr(hf_tokenizer, "save_pretrained"):
+        hf_tokenizer.save_pretrained(str(out_dir))
+    else:
+        source = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
+        if Path(source).resolve() != out_dir.resolve():
+            AutoTokenizer.from_pretrained(source).save_pretrained(str(out_dir))
+    return {**model_cfg, "text_cfg": _hf_names_at(text_cfg, out_dir)}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20, copy_to: Path | None = None) -> str:
@@ -297,7 +308,7 @@ class Encoder:
         info = ModelInfo(
             name=str(cfg.get("name") or model_dir.name),
             embed_dim=int(cfg["model_cfg"]["embed_dim"]),
-            image_size=_image_size(model),
+            image_size=image_size_of(model),
             context_length=int(
                 getattr(model, "context_length", 0) or cfg["model_cfg"]["text_cfg"].get("context_length", 77)
             ),
@@ -402,7 +413,8 @@ def _to_numpy(feats: torch.Tensor) -> np.ndarray:
     return out
 
 
-def _image_size(model: Any) -> int:
+def image_size_of(model: Any) -> int:
+    """The square input size of an open_clip model's image tower (timm towers keep it in preprocess_cfg)."""
     size = getattr(model.visual, "image_size", None) or model.visual.preprocess_cfg.get("size", 224)
     if isinstance(size, list | tuple):
         return int(size[0])

@@ -80,8 +80,6 @@ class TrainConfig:
             raise ConfigError("--batch-size must be at least 2 and --accum-steps at least 1")
         if not 0 <= self.optim.warmup < 1:
             raise ConfigError("--warmup is a fraction of the run in [0, 1)")
-        if self.model.unlocked_layers and not (self.model.lock_image or self.model.lock_text is not False):
-            raise ConfigError("--unlocked-layers only applies with --lock-image or --lock-text")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError("--crop-scale must be in (0, 1]")
         return self

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from indexer.bundle import open_bundle
-from indexer.model import Encoder, package_path
+from indexer.model import Encoder, model_config, package_path, resolve_model_name, save_model_dir
 from indexer.train import train
 from tests.index.helpers import make_folder, run_index
 from tests.train.conftest import tiny_config
@@ -134,3 +134,11 @@ def test_hf_tower_queries_run_only_their_own_length(
     hook.remove()
     assert float(abs(full - trimmed).max()) < 1e-5
     assert lengths[0] == 16 and lengths[1] < 10  # context 16; "[CLS] a light blue square [SEP]" is short
+
+
+def test_saving_without_a_tokenizer_at_hand_still_writes_one(tmp_path: Path, cnn_bert_config: Path) -> None:
+    """`save_model_dir` called with just the model (as the benchmarks do) loads the tokenizer it needs."""
+    name = resolve_model_name(str(cnn_bert_config))
+    out = save_model_dir(open_clip.create_model(name), model_config(name), tmp_path / "model")
+    assert (out / "tokenizer.json").is_file()
+    assert Encoder.from_dir(out, "cpu").encode_texts(["a red square"]).shape == (1, 32)
