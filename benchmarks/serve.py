@@ -98,7 +98,7 @@ def build_bundles(work: Path, n_items: int) -> tuple[Path, list[str]]:
     import torch
 
     from indexer.bundle import BundleContents, IndexSpec, Item, ModelRef, publish
-    from indexer.model import Encoder, model_config, model_fingerprint, save_model_dir
+    from indexer.model import Encoder, model_config, save_model_dir
 
     bundles = work / "bundles"
     if (bundles / "versions.txt").is_file():
@@ -106,8 +106,7 @@ def build_bundles(work: Path, n_items: int) -> tuple[Path, list[str]]:
     torch.manual_seed(0)
     model_dir = save_model_dir(open_clip.create_model("ViT-B-32"), model_config("ViT-B-32"), work / "model")
     info = Encoder.from_dir(model_dir, device="cpu").info
-    ref = ModelRef(name="ViT-B-32-random", fingerprint=model_fingerprint(model_dir), embed_dim=info.embed_dim,
-                   image_size=info.image_size, context_length=info.context_length)  # fmt: skip
+    ref = ModelRef.from_info(info, name="ViT-B-32-random")
     photo = work / "photo.jpg"
     photo.write_bytes(query_images(1)[0])
     versions = []

@@ -25,7 +25,7 @@ import faiss
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from indexer.errors import ClipsearchError
-from indexer.model import WEIGHTS_NAME, file_sha256, model_files
+from indexer.model import WEIGHTS_NAME, ModelInfo, file_sha256, model_files
 
 SCHEMA_VERSION = 1
 CURRENT = "CURRENT"
@@ -58,6 +58,19 @@ class ModelRef(BaseModel):
     image_size: int
     context_length: int
     preprocess: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_info(cls, info: ModelInfo, **overrides: Any) -> ModelRef:
+        """The manifest entry of a loaded model (`Encoder.info`); `overrides` replace fields."""
+        fields: dict[str, Any] = {
+            "name": info.name,
+            "fingerprint": info.fingerprint,
+            "embed_dim": info.embed_dim,
+            "image_size": info.image_size,
+            "context_length": info.context_length,
+            "preprocess": info.preprocess,
+        }
+        return cls(**(fields | overrides))
 
 
 class IndexSpec(BaseModel):

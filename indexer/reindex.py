@@ -267,16 +267,7 @@ def _model_ref(prev: Previous, fingerprint: str, encoder: LazyEncoder) -> tuple[
     """The manifest's model entry; reused from the previous bundle (with its files) if the weights match."""
     if prev.manifest is not None and prev.root is not None and prev.manifest.model.fingerprint == fingerprint:
         return prev.manifest.model, prev.root / "model"
-    info = encoder.get().info
-    ref = ModelRef(
-        name=info.name,
-        fingerprint=fingerprint,
-        embed_dim=info.embed_dim,
-        image_size=info.image_size,
-        context_length=info.context_length,
-        preprocess=info.preprocess,
-    )
-    return ref, None
+    return ModelRef.from_info(encoder.get().info, fingerprint=fingerprint), None
 
 
 def _contents(

@@ -99,16 +99,9 @@ def bundle_contents(model_dir, n_images=3, n_texts=2, dim=32) -> BundleContents:
     img_ids, txt_ids = list(range(n_images)), list(range(n_images, n_images + n_texts))
     items = [Item(id=i, kind="image", path=f"/x/{i}.png") for i in img_ids]
     items += [Item(id=i, kind="text", text=f"text {i}") for i in txt_ids]
-    i = enc.info
     return BundleContents(
         model_dir=model_dir,
-        model=ModelRef(
-            name=i.name,
-            fingerprint=i.fingerprint,
-            embed_dim=i.embed_dim,
-            image_size=i.image_size,
-            context_length=i.context_length,
-        ),
+        model=ModelRef.from_info(enc.info),
         image_index=index(img_ids),
         text_index=index(txt_ids),
         images=IndexSpec(file="images.faiss", count=n_images),

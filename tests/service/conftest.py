@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from indexer.bundle import BundleContents, IndexSpec, Item, ModelRef, publish
 from indexer.images import load_image
-from indexer.model import Encoder, model_fingerprint
+from indexer.model import Encoder
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.conftest import make_colour_dataset
@@ -70,14 +70,7 @@ def build_bundle(
     items += [
         Item(id=n + j, kind="text", text=t, path=os.path.abspath(paths[j])) for j, t in enumerate(texts)
     ]
-    info = encoder.info
-    model = ModelRef(
-        name=info.name,
-        fingerprint=model_fingerprint(model_dir),
-        embed_dim=info.embed_dim,
-        image_size=info.image_size,
-        context_length=info.context_length,
-    )
+    model = ModelRef.from_info(encoder.info)
     contents = BundleContents(
         model_dir=model_dir,
         model=model,
