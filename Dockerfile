@@ -30,9 +30,10 @@ RUN set -eu; \
         "torch==2.14.1" "torchvision==0.29.1"
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY clipsearch ./clipsearch
 COPY indexer ./indexer
 COPY service ./service
-RUN pip install . && python -c "import indexer.cli, service"
+RUN pip install . && cd / && python -c "import clipsearch.cli, service"
 
 # -------------------------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime

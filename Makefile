@@ -8,11 +8,16 @@ WORKDIR ?= demo-work
 # torch from PyPI is a CUDA build on x86_64 (it also runs on CPU-only machines).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv dev demo test lint format typecheck pytest bench clean
+# Debian packages the tests need: the emoji font (demo data), Chromium (the search page's browser tests),
+# fontconfig (to find the font) and FriBiDi (Pillow's complex text layout draws emoji sequences with it).
+TEST_PACKAGES ?= fonts-noto-color-emoji chromium fontconfig libfribidi0
+
+.PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench clean
 
 help:
 	@echo "make demo   - set up .venv, build the emoji data, train, index and serve on http://127.0.0.1:$(PORT)"
-	@echo "make test   - install dev dependencies, run lint, types and the whole test suite"
+	@echo "make test   - install dev dependencies and system packages, run lint, types and the whole test suite"
+	@echo "make test-fast - the tests not marked slow (a loop of under two minutes for day-to-day work)"
 	@echo "make bench  - run the side-by-side benchmarks in benchmarks/"
 
 $(BIN)/python:
@@ -37,16 +42,32 @@ demo: venv
 lint: dev
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy service indexer/images.py indexer/model.py indexer/bundle.py
+	$(BIN)/mypy service indexer/core
 
 format: dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-pytest: dev
+# Installs what is missing with apt-get when root or with password-less sudo, as `make demo` does for the
+# font; otherwise one line says what to run.
+system-deps:
+	@missing=$$(for p in $(TEST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	missing=$$(echo $$missing); \
+	if ! command -v apt-get >/dev/null; then echo "error: the tests need these Debian packages (or your system's equivalents): $$missing" >&2; exit 1; fi; \
+	if [ "$$(id -u)" -eq 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "error: the tests need system packages; run: sudo apt-get install $$missing" >&2; exit 1; fi; \
+	echo "installing $$missing with apt-get"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
+pytest: dev system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test: lint pytest
+
+test-fast: dev
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: dev
 	$(BIN)/python benchmarks/train.py

@@ -37,13 +37,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.bundle import open_bundle
-from indexer.data import SourceSpec
-from indexer.images import load_image
-from indexer.index import recall_at_10
-from indexer.model import Encoder, model_config, save_model_dir
-from indexer.pipeline import EmbedConfig
-from indexer.reindex import ReindexConfig, ReindexResult, reindex
+from indexer.core.architectures import model_config
+from indexer.core.bundle.read import open_bundle
+from indexer.core.encoder import Encoder
+from indexer.core.images import load_image
+from indexer.core.modeldir import save_model_dir
+from indexer.data.sources import SourceSpec
+from indexer.index.build import recall_at_10
+from indexer.index.embed import EmbedConfig
+from indexer.index.runner import ReindexConfig, ReindexResult, reindex
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI = "😀🐱🍕🚗🌳🏠⚽🎸🌙🔥🍎🐟🦋🌈🚀🎈"
@@ -148,7 +150,7 @@ def change_one_percent(paths: list[Path], root: Path, seed: int) -> int:
 def cli_wall(args: list[str]) -> tuple[float, dict]:
     t = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "indexer.cli", *args, "--json"],
+        [sys.executable, "-m", "clipsearch", *args, "--json"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
@@ -274,7 +276,7 @@ def reindex_cli(args: argparse.Namespace, tmp: Path) -> dict:
     re_wall, re = cli_wall(cli)
     t = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-c", "import indexer.reindex"], check=True, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", "import indexer.index.runner"], check=True, cwd=Path(__file__).parents[1]
     )
     startup = time.perf_counter() - t
     return {

@@ -1,6 +1,6 @@
 """Run `open_clip_train.main` with this project's shipped model configs registered (it only knows its own).
 
-Importing `indexer.model` registers them as clipsearch itself does, with a Hugging Face text tower shipped
+`register_shipped_configs` registers them as clipsearch itself does, with a Hugging Face text tower shipped
 in a Python package (`package:...` in the config) resolved to its path on this installation.
 
 Usage: python benchmarks/open_clip_train_shim.py [open_clip_train arguments...]
@@ -12,7 +12,8 @@ import sys
 
 from open_clip_train.main import main
 
-import indexer.model  # noqa: F401  (registers the shipped configs)
+from indexer.core.architectures import register_shipped_configs
 
 if __name__ == "__main__":
+    register_shipped_configs()
     sys.exit(main(sys.argv[1:]))

@@ -97,8 +97,12 @@ def build_bundles(work: Path, n_items: int) -> tuple[Path, list[str]]:
     import open_clip
     import torch
 
-    from indexer.bundle import BundleContents, IndexSpec, Item, ModelRef, publish
-    from indexer.model import Encoder, model_config, save_model_dir
+    from indexer.core.architectures import model_config
+    from indexer.core.bundle.items import Item
+    from indexer.core.bundle.manifest import IndexSpec
+    from indexer.core.encoder import Encoder
+    from indexer.core.modeldir import save_model_dir
+    from indexer.index.publish import BundleContents, publish
 
     bundles = work / "bundles"
     if (bundles / "versions.txt").is_file():
@@ -106,7 +110,7 @@ def build_bundles(work: Path, n_items: int) -> tuple[Path, list[str]]:
     torch.manual_seed(0)
     model_dir = save_model_dir(open_clip.create_model("ViT-B-32"), model_config("ViT-B-32"), work / "model")
     info = Encoder.from_dir(model_dir, device="cpu").info
-    ref = ModelRef.from_info(info, name="ViT-B-32-random")
+    ref = info.model_copy(update={"name": "ViT-B-32-random"})
     photo = work / "photo.jpg"
     photo.write_bytes(query_images(1)[0])
     versions = []
@@ -157,7 +161,7 @@ def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen[by
 
 
 def ours(bundles: Path, port: int, threads: int, workers: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "indexer.cli", "serve", "--bundles", str(bundles), "--port", str(port),
+    cmd = [sys.executable, "-m", "clipsearch", "serve", "--bundles", str(bundles), "--port", str(port),
            "--admin-key", "bench", "--log-level", "warning", "--threads", str(threads),
            "--batch-workers", str(workers)]  # fmt: skip
     return start(cmd, {"PYTHONPATH": str(REPO)}, port)
@@ -256,8 +260,8 @@ def bare(name: str, work: Callable[[int], None], duration: float) -> Stats:
 
 
 def bare_runs(bundle: Path, images: list[bytes], duration: float) -> tuple[Stats, Stats]:
-    from indexer.images import load_image
-    from indexer.model import Encoder
+    from indexer.core.encoder import Encoder
+    from indexer.core.images import load_image
 
     encoder = Encoder.from_dir(bundle / "model", device="cpu")
     index = faiss.read_index(str(bundle / "images.faiss"))
@@ -276,7 +280,7 @@ def bare_runs(bundle: Path, images: list[bytes], duration: float) -> tuple[Stats
 
 def trim_saving(bundle: Path, reps: int = 20) -> None:
     """Time the full 77-token text forward against the trimmed one, for 1 and 16 queries."""
-    from indexer.model import Encoder
+    from indexer.core.encoder import Encoder
 
     encoder = Encoder.from_dir(bundle / "model", device="cpu")
     for n in (1, 16):
@@ -298,7 +302,7 @@ def trim_saving(bundle: Path, reps: int = 20) -> None:
 async def _reload_during_load(
     url: str, bundles: Path, versions: list[str], images: list[bytes], duration: float
 ):
-    from indexer.bundle import set_current
+    from indexer.index.publish import set_current
 
     async def reloader() -> int:
         n = 0
@@ -334,7 +338,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    from indexer.bundle import set_current
+    from indexer.index.publish import set_current
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundles, versions = build_bundles(args.workdir / f"n{args.items}", args.items)

@@ -79,13 +79,13 @@ def check(rc: int, log: Path, what: str) -> None:
 
 
 def clipsearch(*args: str) -> list[str]:
-    return [sys.executable, "-m", "indexer.cli", *args]
+    return [sys.executable, "-m", "clipsearch", *args]
 
 
 def ensure_data(data: Path, log_dir: Path) -> dict[str, Any]:
     """The full emoji set; rebuilt only if missing, incomplete or changed."""
-    from indexer.data import DataError
-    from indexer.emoji_manifest import check_emoji_dataset
+    from indexer.data.emoji_manifest import check_emoji_dataset
+    from indexer.data.sources import DataError
 
     try:
         return check_emoji_dataset(data).model_dump()
@@ -228,7 +228,8 @@ def theirs_quality(a: argparse.Namespace, train_csv: Path, step_s: float, startu
     import open_clip
     import torch
 
-    from indexer.model import model_config, save_model_dir
+    from indexer.core.architectures import model_config
+    from indexer.core.modeldir import save_model_dir
 
     n_train = len(train_csv.read_text().splitlines()) - 1
     epochs, warmup = their_plan(a, n_train, step_s, startup_s)

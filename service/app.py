@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexer.images import DecodeOptions
+from indexer.core.images import DecodeOptions
 from service.batcher import MicroBatcher
 from service.deps import Service
 from service.errors import install_error_handlers

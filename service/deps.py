@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from indexer.images import DecodeOptions
+from indexer.core.images import DecodeOptions
 from service.batcher import MicroBatcher
 from service.errors import ApiError
 from service.metrics import Metrics

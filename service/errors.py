@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from indexer.core.errors import error_location
+
 log = logging.getLogger(__name__)
 
 _STATUS_CODES = {
@@ -56,10 +58,8 @@ def error_response(
 
 def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
     """(code, one-line message) for the first pydantic/FastAPI validation error."""
-    loc = [str(p) for p in err.get("loc", ())]
-    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
-        loc = loc[1:]  # where in the request, not which field
-    where = ".".join(loc) or "body"
+    # The first part of `loc` says where in the request (body, query...), not which field.
+    where = error_location(err, skip=("body", "query", "path", "header", "cookie")) or "body"
     if err.get("type") == "json_invalid":
         detail = err.get("ctx", {}).get("error", "")
         return "malformed_json", f"the request body is not valid JSON: {detail}".rstrip(": ")

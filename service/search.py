@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexer.bundle import Item
+from indexer.core.bundle.items import Item
 from service.metrics import Metrics
 from service.schemas import SearchHit, Target
 from service.state import ServiceState, Snapshot

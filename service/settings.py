@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from indexer.core.precision import PrecisionError, parse_precision
+
 MiB = 1024 * 1024
 
 
@@ -25,7 +27,8 @@ class ServiceSettings(BaseSettings):
     )
     precision: str = Field(
         default="auto",
-        description="CUDA autocast: auto (bf16 if supported, else fp16), fp16, bf16, fp32 (off).",
+        description="Query encoder autocast: auto (bf16 on a GPU that supports it, else fp16; fp32 on "
+        "the CPU), bf16, fp16, fp32 (off).",
     )
     admin_key: str | None = Field(
         default=None, description="Bearer key for /v1/admin/*; unset = admin disabled."
@@ -83,6 +86,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _check_precision(cls, value: str) -> str:
-        if value not in ("auto", "fp16", "bf16", "fp32"):
-            raise ValueError("precision must be auto, fp16, bf16 or fp32")
-        return value
+        try:
+            return parse_precision(value)
+        except PrecisionError as e:
+            raise ValueError(str(e)) from None

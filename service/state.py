@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from indexer.bundle import ITEMS_DB, Bundle, open_bundle_dir, read_current, write_lease
-from indexer.errors import ClipsearchError
-from indexer.model import Encoder
+from indexer.core.bundle.leases import write_lease
+from indexer.core.bundle.read import Bundle, open_bundle_dir, read_current
+from indexer.core.encoder import Encoder
+from indexer.core.errors import ClipsearchError
 from service.errors import not_ready
 from service.settings import ServiceSettings
 
@@ -60,25 +58,10 @@ def collection_root(bundle: Bundle) -> Path | None:
     declared = bundle.manifest.stats.get("collection_root")
     if isinstance(declared, str) and declared:
         return Path(declared).resolve()
-    conn = sqlite3.connect(f"file:{bundle.root / ITEMS_DB}?mode=ro&immutable=1", uri=True)
-    try:
-        rows = conn.execute("SELECT path FROM items WHERE kind = 'image' AND path IS NOT NULL").fetchall()
-    finally:
-        conn.close()
-    parents = {os.path.dirname(os.path.abspath(r[0])) for r in rows}
+    parents = {os.path.dirname(os.path.abspath(p)) for p in bundle.items.image_paths()}
     if not parents:
         return None
     return Path(os.path.commonpath(sorted(parents))).resolve()
-
-
-def _amp_dtype(precision: str) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or (
-        precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    ):
-        return torch.bfloat16
-    return torch.float16
 
 
 class ServiceState:
@@ -164,9 +147,8 @@ class ServiceState:
                 # this fingerprint: the encoder need not read them a second time to hash them again.
                 verified = fingerprint if self.settings.verify_checksums else None
                 encoder = Encoder.from_dir(
-                    bundle.model_dir, device=self.settings.device, fingerprint=verified
+                    bundle.model_dir, self.settings.device, verified, self.settings.precision
                 )
-                encoder.amp_dtype = _amp_dtype(self.settings.precision)
             return Snapshot(bundle=bundle, encoder=encoder, collection_root=collection_root(bundle))
         except BaseException:
             bundle.close()

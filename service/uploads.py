@@ -14,7 +14,7 @@ from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexer.images import DecodeOptions, ImageError, load_image
+from indexer.core.images import DecodeOptions, ImageError, load_image
 from service.errors import ApiError, error_response
 
 # ImageError codes -> HTTP status: a format outside the allow-list is 415, a bomb is 413.

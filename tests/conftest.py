@@ -15,11 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer import model as model_module
-from indexer.bundle import BundleContents, IndexSpec, Item, ModelRef
-from indexer.model import Encoder
+from indexer.core import hashing
+from indexer.core.architectures import register_shipped_configs
+from indexer.core.bundle.items import Item, Skipped
+from indexer.core.bundle.manifest import IndexSpec
+from indexer.core.encoder import Encoder
+from indexer.index.publish import BundleContents
 
 REPO = Path(__file__).resolve().parents[1]
+
+register_shipped_configs()  # tests build `tiny-test` with open_clip directly, as any open_clip user would
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 20, 20),
@@ -38,7 +43,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised `tiny-test` model saved in open_clip's local-dir layout."""
     import open_clip
 
-    from indexer.model import model_config, save_model_dir
+    from indexer.core.architectures import model_config
+    from indexer.core.modeldir import save_model_dir
 
     torch.manual_seed(0)
     model = open_clip.create_model("tiny-test")
@@ -71,10 +77,10 @@ def colour_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(
     args: Sequence[str], cwd: Path | None = None, timeout: float = 300, **kw
 ) -> subprocess.CompletedProcess[str]:
-    """Run `clipsearch ARGS` in a real subprocess (python -m indexer.cli), capturing text output."""
+    """Run `clipsearch ARGS` in a real subprocess (`python -m clipsearch`), capturing text output."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **kw.pop("env", {})}
     return subprocess.run(
-        [sys.executable, "-m", "indexer.cli", *args],
+        [sys.executable, "-m", "clipsearch", *args],
         cwd=cwd or REPO,
         env=env,
         capture_output=True,
@@ -101,13 +107,13 @@ def bundle_contents(model_dir, n_images=3, n_texts=2, dim=32) -> BundleContents:
     items += [Item(id=i, kind="text", text=f"text {i}") for i in txt_ids]
     return BundleContents(
         model_dir=model_dir,
-        model=ModelRef.from_info(enc.info),
+        model=enc.info,
         image_index=index(img_ids),
         text_index=index(txt_ids),
         images=IndexSpec(file="images.faiss", count=n_images),
         texts=IndexSpec(file="texts.faiss", count=n_texts),
         items=items,
-        skipped=[{"path": "/x/bad.png", "reason": "truncated"}],
+        skipped=[Skipped("/x/bad.png", "truncated")],
     )
 
 
@@ -115,7 +121,7 @@ def bundle_contents(model_dir, n_images=3, n_texts=2, dim=32) -> BundleContents:
 def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Paths `file_sha256` reads from now on, in call order, in every project module that uses it."""
     calls: list[Path] = []
-    original = model_module.file_sha256
+    original = hashing.file_sha256
 
     def counting(path: Path, *args: object, **kwargs: object) -> str:
         calls.append(Path(path))

@@ -8,12 +8,15 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from indexer.core.errors import first_error
 from service.deps import Service, search_spec
 from service.errors import ApiError, not_ready
 from service.schemas import SearchParams
 from service.search import ImageJob, JobResult, SearchSpec
 from service.uploads import decode_upload, form_value, read_form
 
+# The form fields of an image upload are `SearchParams`' fields, with their bounds from the same schema.
+_PARAMS = tuple(SearchParams.model_fields)
 MULTIPART_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -24,10 +27,7 @@ MULTIPART_DOC: dict[str, Any] = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "The image."},
-                        "k": {"type": "integer", "default": 10, "minimum": 1},
-                        "target": {"type": "string", "enum": ["images", "texts"], "default": "images"},
-                        "min_score": {"type": "number", "nullable": True},
-                        "offset": {"type": "integer", "default": 0, "minimum": 0},
+                        **SearchParams.model_json_schema()["properties"],
                     },
                 }
             }
@@ -35,16 +35,13 @@ MULTIPART_DOC: dict[str, Any] = {
     }
 }
 
-_PARAMS = ("k", "target", "min_score", "offset")
-
 
 def parse_params(raw: dict[str, str]) -> SearchParams:
     try:
         return SearchParams.model_validate({k: v for k, v in raw.items() if v != "" or k != "min_score"})
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "form"
-        raise ApiError(422, "invalid_request", f"{where}: {first['msg']}") from e
+        where, msg = first_error(e.errors())
+        raise ApiError(422, "invalid_request", f"{where or 'form'}: {msg}") from e
 
 
 async def run_image(request: Request, service: Service, search: bool) -> JobResult:

@@ -10,7 +10,7 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 
-from indexer.bundle import Item
+from indexer.core.bundle.items import Item
 from service.auth import require_api_key
 from service.deps import ServiceDep, mark_bundle
 from service.errors import ApiError

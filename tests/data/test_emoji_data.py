@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.data import DataError, SourceSpec, read_records
-from indexer.emoji_data import (
+from indexer.core.images import load_image
+from indexer.data.emoji import (
     DEFAULT_FONT,
     EmojiDataConfig,
     FontError,
@@ -24,8 +24,8 @@ from indexer.emoji_data import (
     render,
     split_by_concept,
 )
-from indexer.emoji_manifest import check_emoji_dataset
-from indexer.images import load_image
+from indexer.data.emoji_manifest import check_emoji_dataset
+from indexer.data.sources import DataError, SourceSpec, read_records
 from tests.conftest import run_cli
 from tests.data.conftest import EMOJI_ARGS, build_emoji
 

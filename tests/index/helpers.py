@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.data import SourceSpec
-from indexer.index import IndexConfig
-from indexer.pipeline import EmbedConfig
-from indexer.reindex import ReindexConfig, ReindexResult, reindex
+from indexer.data.sources import SourceSpec
+from indexer.index.build import IndexConfig
+from indexer.index.embed import EmbedConfig
+from indexer.index.runner import ReindexConfig, ReindexResult, reindex
 
 
 def make_image(path: Path, seed: int, size: int = 48) -> Path:

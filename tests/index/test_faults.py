@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.bundle import SKIPPED, open_bundle
-from indexer.cache import CacheCorrupt, EmbeddingCache, cache_files
-from indexer.lock import LockError, exclusive_lock, lock_path
-from indexer.reindex import IndexingError
+from indexer.core.bundle.layout import SKIPPED
+from indexer.core.bundle.read import open_bundle
+from indexer.index.cache import CacheCorrupt, EmbeddingCache, cache_files
+from indexer.index.lock import LockError, exclusive_lock, lock_path
+from indexer.index.runner import IndexingError
 from tests.conftest import run_cli
 from tests.index.helpers import run_index
 
@@ -39,9 +40,9 @@ def _bad_files(folder: Path) -> dict[str, str]:
 
 def test_bad_images_are_skipped_with_reasons(tiny_model_dir, folder, tmp_path):
     expected = _bad_files(folder)
-    from indexer.data import SourceSpec
-    from indexer.pipeline import EmbedConfig
-    from indexer.reindex import ReindexConfig, reindex
+    from indexer.data.sources import SourceSpec
+    from indexer.index.embed import EmbedConfig
+    from indexer.index.runner import ReindexConfig, reindex
 
     cfg = ReindexConfig(
         model_dir=tiny_model_dir,
@@ -149,7 +150,7 @@ def test_second_indexer_exits_at_once_naming_the_lock(tiny_model_dir, folder, tm
 def test_stale_lock_of_a_dead_process_is_taken_over(tiny_model_dir, folder, tmp_path):
     bundles = tmp_path / "b"
     code = (
-        "import sys, os; from pathlib import Path; from indexer.lock import exclusive_lock\n"
+        "import sys, os; from pathlib import Path; from indexer.index.lock import exclusive_lock\n"
         "with exclusive_lock(Path(sys.argv[1])):\n    os._exit(0)\n"
     )
     subprocess.run(

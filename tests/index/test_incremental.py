@@ -10,8 +10,10 @@ import numpy as np
 import open_clip
 import torch
 
-from indexer.bundle import open_bundle
-from indexer.model import Encoder, model_config, save_model_dir
+from indexer.core.architectures import model_config
+from indexer.core.bundle.read import open_bundle
+from indexer.core.encoder import Encoder
+from indexer.core.modeldir import save_model_dir
 from tests.index.helpers import make_folder, make_image, run_index
 
 
@@ -34,7 +36,7 @@ def test_first_run_indexes_everything_and_vectors_match_the_encoder(tiny_model_d
     ids = _ids_by_path(bundles)
     path = str(folder / "img03.png")
     stored = b.image_index.reconstruct(ids[path])
-    from indexer.images import load_image
+    from indexer.core.images import load_image
 
     np.testing.assert_allclose(stored, enc.encode_images([load_image(path)])[0], atol=1e-5)
     texts = {it.text for it in b.items.get_many(list(range(100))).values() if it.kind == "text"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.bundle import open_bundle
-from indexer.index import (
+from indexer.core.bundle.read import open_bundle
+from indexer.index.build import (
     IndexBuildError,
     IndexConfig,
     array_blocks,

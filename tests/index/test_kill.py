@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from indexer.bundle import TMP_PREFIX, open_bundle, read_current
-from indexer.pipeline import PAUSE_ENV
+from indexer.core.bundle.layout import TMP_PREFIX
+from indexer.core.bundle.read import open_bundle, read_current
+from indexer.index.stages import PAUSE_ENV
 from tests.conftest import REPO
 from tests.index.helpers import make_folder, make_image, run_index
 
@@ -25,7 +26,7 @@ NEW = 6  # images added after the baseline bundle; the killed run embeds them 2 
 def _start(model: Path, src: Path, bundles: Path, stage: str) -> subprocess.Popen[bytes]:
     args = ["index", "--model", str(model), "--images", str(src), "--bundles", str(bundles)]
     env = {**os.environ, "PYTHONPATH": str(REPO), PAUSE_ENV: stage}
-    cmd = [sys.executable, "-m", "indexer.cli", *args, "--batch-size", "2", "--workers", "1"]
+    cmd = [sys.executable, "-m", "clipsearch", *args, "--batch-size", "2", "--workers", "1"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -10,10 +10,11 @@ import logging
 import os
 from pathlib import Path
 
-from indexer.bundle import MODEL_DIR, read_current
-from indexer.bundle_ops import verify
-from indexer.cache import FileState, FileStates
-from indexer.model import WEIGHTS_NAME, model_fingerprint
+from indexer.core.bundle.inventory import verify
+from indexer.core.bundle.layout import MODEL_DIR
+from indexer.core.bundle.read import read_current
+from indexer.core.modeldir import WEIGHTS_NAME, model_fingerprint
+from indexer.index.cache import FileState, FileStates
 from tests.index.helpers import make_image, run_index
 
 
@@ -63,7 +64,7 @@ def test_tampered_weights_in_the_previous_bundle_are_not_linked(tiny_model_dir, 
         f.write(bytes([byte[0] ^ 0xFF]))
     os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
 
-    with caplog.at_level(logging.WARNING, logger="indexer.bundle"):
+    with caplog.at_level(logging.WARNING, logger="indexer.index.publish"):
         res = run_index(tiny_model_dir, folder, bundles)
 
     new = _weights(bundles, res.bundle)

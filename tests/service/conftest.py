@@ -18,9 +18,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from indexer.bundle import BundleContents, IndexSpec, Item, ModelRef, publish
-from indexer.images import load_image
-from indexer.model import Encoder
+from indexer.core.bundle.items import Item
+from indexer.core.bundle.manifest import IndexSpec
+from indexer.core.encoder import Encoder
+from indexer.core.images import load_image
+from indexer.index.publish import BundleContents, publish
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.conftest import make_colour_dataset
@@ -70,7 +72,7 @@ def build_bundle(
     items += [
         Item(id=n + j, kind="text", text=t, path=os.path.abspath(paths[j])) for j, t in enumerate(texts)
     ]
-    model = ModelRef.from_info(encoder.info)
+    model = encoder.info
     contents = BundleContents(
         model_dir=model_dir,
         model=model,

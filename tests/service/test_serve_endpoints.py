@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from indexer.bundle import open_bundle
-from indexer.model import Encoder
+from indexer.core.bundle.read import open_bundle
+from indexer.core.encoder import Encoder
 from tests.service import helpers
 
 
@@ -139,7 +139,7 @@ def test_unicode_and_emoji_queries(client: TestClient) -> None:
 
 def test_collection_root_from_manifest_stats(tmp_path: Path, tiny_model_dir: Path, collection: Path) -> None:
     """A root the indexer records in the manifest wins over the images' common folder."""
-    from indexer.bundle import open_bundle_dir
+    from indexer.core.bundle.read import open_bundle_dir
     from service.state import collection_root
     from tests.service.conftest import build_bundle
 

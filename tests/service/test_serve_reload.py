@@ -11,8 +11,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.bundle import set_current
-from indexer.model import WEIGHTS_NAME, model_fingerprint
+from indexer.core.modeldir import WEIGHTS_NAME, model_fingerprint
+from indexer.index.publish import set_current
 from service.app import create_app
 from service.state import ServiceState
 from tests.conftest import make_colour_dataset

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.model import Encoder
+from indexer.core.encoder import Encoder
 
 TEXTS = ["a red square", "red", "", "a photo of a dog on a beach at sunset!!", "a " * 30, "émoji 🐶 text"]
 

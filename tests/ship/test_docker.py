@@ -75,7 +75,7 @@ def test_copied_paths_exist_and_are_not_dockerignored(dockerfile):
             assert (REPO / src).exists(), f"line {ins.line}: COPY {src}: no such path in the repository"
             assert not is_ignored(src, patterns), f"line {ins.line}: {src} is excluded by .dockerignore"
     # Everything `pip install .` reads must be in the context.
-    for needed in ("pyproject.toml", "README.md", "indexer/cli.py", "service/__init__.py"):
+    for needed in ("pyproject.toml", "README.md", "clipsearch/cli.py", "service/__init__.py"):
         assert not is_ignored(needed, patterns), f".dockerignore excludes {needed}"
     for junk in (".git/HEAD", ".venv/bin/python", "demo-work/bundles/CURRENT", "tests/conftest.py"):
         assert is_ignored(junk, patterns), f".dockerignore lets {junk} into the build context"
@@ -172,7 +172,7 @@ def test_the_copied_context_builds_a_wheel_with_the_page_and_configs(dockerfile,
     missing = [n for n in expected if n not in names]
     assert not missing, f"the installed package would lack {missing}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "clipsearch = indexer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "clipsearch = clipsearch.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_the_default_command_serves_on_all_interfaces_at_the_exposed_port(dockerfile):

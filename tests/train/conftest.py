@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from indexer.data import SourceSpec
-from indexer.train_config import ModelSpec, OptimConfig, TrainConfig
+from indexer.data.sources import SourceSpec
+from indexer.train.config import ModelSpec, OptimConfig, TrainConfig
 from tests.conftest import make_colour_dataset
 
 NEW_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -78,7 +78,7 @@ def new_colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, colours: Path):
     """One real run that learns the 8 colours (validated on the same set)."""
-    from indexer.train import train
+    from indexer.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "base"
     return train(tiny_config(out, colours, colours, epochs=12))

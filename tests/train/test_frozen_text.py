@@ -8,10 +8,10 @@ import open_clip
 import pytest
 import torch
 
-from indexer.frozen_text import freeze_text_features
-from indexer.model import resolve_model_name
-from indexer.optim import lock_towers
-from indexer.train import train
+from indexer.core.architectures import resolve_model_name
+from indexer.train.frozen_text import freeze_text_features
+from indexer.train.loop import train
+from indexer.train.towers import lock_towers
 from tests.train.conftest import tiny_config
 from tests.train.test_towers import cnn_bert_config  # noqa: F401  (fixture)
 
@@ -74,4 +74,4 @@ def test_locked_training_never_runs_the_text_tower_per_step(
     assert steps >= 4
     # Once for the train captions and once for val, at set-up; never inside the 4 epochs' steps.
     assert len(calls) == 2, calls
-    assert result.best_val is not None and result.best_val["text_to_image"]["R@10"] == 1.0
+    assert result.best_val is not None and result.best_val.text_to_image.r_at_10 == 1.0

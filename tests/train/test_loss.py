@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexer.loss import MAX_LOGIT_SCALE, clamp_logit_scale, contrastive_loss, make_loss
+from indexer.train.loss import MAX_LOGIT_SCALE, clamp_logit_scale, contrastive_loss, make_loss
 
 
 def _features(n: int = 6, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

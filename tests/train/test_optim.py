@@ -8,9 +8,8 @@ import open_clip
 import pytest
 import torch
 
-import indexer.model  # noqa: F401  (registers the shipped configs, e.g. tiny-test)
-from indexer.optim import lr_at, param_groups
-from indexer.train_data import random_crop_batch, used_length
+from indexer.train.data import random_crop_batch, used_length
+from indexer.train.optim import lr_at, param_groups
 
 
 def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale() -> None:
@@ -65,8 +64,8 @@ def test_random_crop_keeps_the_shape_and_is_seeded() -> None:
 
 
 def test_compact_token_embedding_trains_exactly_like_the_full_table() -> None:
-    from indexer.compact_embedding import compact_token_embedding, full_token_embedding
-    from indexer.optim import make_optimizer
+    from indexer.train.compact_embedding import compact_token_embedding, full_token_embedding
+    from indexer.train.optim import make_optimizer
 
     tokens = torch.zeros(6, 77, dtype=torch.long)  # tiny-test uses the full context of 77
     tokens[:, :10] = torch.randint(1, 300, (6, 10), generator=torch.Generator().manual_seed(0))

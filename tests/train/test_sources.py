@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.train import train
+from indexer.train.loop import train
 from tests.conftest import COLOURS
 from tests.train.conftest import tiny_config
 
@@ -43,6 +43,6 @@ def _make(kind: str, colours: Path, root: Path) -> Path:
 def test_train_on_each_source_form(tmp_path: Path, colours: Path, kind: str) -> None:
     source = _make(kind, colours, tmp_path)
     result = train(tiny_config(tmp_path / "run", source, source, epochs=1))
-    assert result.status == "finished" and result.best_val["n"] == (16 if kind == "jsonl" else 8)
+    assert result.status == "finished" and result.best_val.n == (16 if kind == "jsonl" else 8)
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
     assert resolved["train_images"] == 8

@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from indexer.bundle import open_bundle
-from indexer.model import Encoder, model_config, package_path, resolve_model_name, save_model_dir
-from indexer.train import train
+from indexer.core.architectures import model_config, package_path, resolve_model_name
+from indexer.core.bundle.read import open_bundle
+from indexer.core.encoder import Encoder
+from indexer.core.modeldir import save_model_dir
+from indexer.train.loop import train
 from tests.index.helpers import make_folder, run_index
 from tests.train.conftest import tiny_config
 

@@ -12,11 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import indexer.train as training
-from indexer.data import SourceSpec
-from indexer.evaluate import EvalConfig, evaluate
-from indexer.model import WEIGHTS_NAME
-from indexer.train import train
+import indexer.train.loop as training
+from indexer.core.errors import ClipsearchError
+from indexer.core.modeldir import WEIGHTS_NAME
+from indexer.data.sources import SourceSpec
+from indexer.eval.runner import EvalConfig, evaluate
+from indexer.train.loop import train
+from indexer.train.run import setup_run
 from tests.train.conftest import tiny_config
 
 
@@ -41,7 +43,7 @@ def test_run_writes_every_artifact(trained_run) -> None:
     assert state["progress"]["finished"] is True
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # It learned: 8 colours, random ranking would give R@1 around 1/8.
-    assert trained_run.best_val["text_to_image"]["R@1"] >= 0.75
+    assert trained_run.best_val.text_to_image.r_at_1 >= 0.75
     best_step = max(val_rows, key=lambda r: r["score"])["step"]
     assert trained_run.progress.best_step == best_step
 
@@ -65,7 +67,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, colours: Pa
     straight = train(tiny_config(tmp_path / "straight", colours, epochs=4, optim={"batch_size": 4}))
     assert straight.progress.step == 8
 
-    real_step = training._train_step
+    real_step = training.train_step
 
     def step_then_ctrl_c(run, idx):
         loss = real_step(run, idx)
@@ -73,11 +75,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, colours: Pa
             os.kill(os.getpid(), signal.SIGINT)
         return loss
 
-    monkeypatch.setattr(training, "_train_step", step_then_ctrl_c)
+    monkeypatch.setattr(training, "train_step", step_then_ctrl_c)
     cfg = tiny_config(tmp_path / "resumed", colours, epochs=4, optim={"batch_size": 4})
     first = train(cfg)
     assert first.status == "interrupted" and first.progress.step == 5
-    monkeypatch.setattr(training, "_train_step", real_step)
+    monkeypatch.setattr(training, "train_step", real_step)
     second = train(cfg, resume=True)
     assert second.status == "finished" and second.progress.step == 8
     a, b = weights(straight.run_dir / "model"), weights(second.run_dir / "model")
@@ -86,7 +88,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, colours: Pa
 
 
 def test_starting_over_an_existing_run_is_refused(trained_run, colours: Path) -> None:
-    with pytest.raises(training.ClipsearchError, match="--resume"):
+    with pytest.raises(ClipsearchError, match="--resume"):
         train(tiny_config(trained_run.run_dir, colours))
 
 
@@ -112,8 +114,8 @@ def test_accumulated_steps_give_the_full_batch_gradient(tmp_path: Path, colours:
         cfg = tiny_config(
             tmp_path / f"acc{accum}", colours, optim={"batch_size": batch, "accum_steps": accum}
         )
-        run = training.setup_run(cfg.validate(), resume=False)
-        training._train_step(run, torch.arange(8))
+        run = setup_run(cfg.validate(), resume=False)
+        training.train_step(run, torch.arange(8))
         grads.append({n: p.grad.clone() for n, p in run.built.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
@@ -128,10 +130,22 @@ def test_siglip_loss_trains_and_saves_its_bias(tmp_path: Path, colours: Path) ->
     assert model.logit_bias is not None and float(model.logit_bias) != -10.0  # learned
 
 
-def test_amp_bf16_runs_on_cpu(tmp_path: Path, colours: Path) -> None:
-    result = train(tiny_config(tmp_path / "bf16", colours, precision="amp_bf16", epochs=2))
+@pytest.mark.parametrize("precision", ["bf16", "amp_bf16"])
+def test_bf16_autocast_runs_on_cpu(tmp_path: Path, colours: Path, monkeypatch, precision: str) -> None:
+    dtypes: list[torch.dtype] = []
+    real_encode = open_clip.CLIP.encode_image
+
+    def recording(self, *args, **kw):
+        out = real_encode(self, *args, **kw)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(open_clip.CLIP, "encode_image", recording)
+    result = train(tiny_config(tmp_path / "bf16", colours, precision=precision, epochs=2))
     losses = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(losses)))
+    # Every forward pass really ran under bf16 autocast: an fp32 fallback would record float32 here.
+    assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
 def test_lock_image_keeps_the_pretrained_image_tower(
@@ -166,7 +180,7 @@ def test_fine_tuning_learns_new_data_and_keeps_old_recall(
     old_model = trained_run.run_dir / "model"
 
     def score(model_dir: Path, data: Path) -> float:
-        return evaluate(EvalConfig(model_dir, SourceSpec(str(data)), device="cpu"))["text_to_image"]["R@1"]
+        return evaluate(EvalConfig(model_dir, SourceSpec(str(data)), device="cpu")).text_to_image.r_at_1
 
     old_before, new_before = score(old_model, colours), score(old_model, new_colours)
     cfg = tiny_config(

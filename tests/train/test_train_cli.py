@@ -15,11 +15,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import indexer.train as training
-from indexer.cli import app
-from indexer.train import TrainingDiverged, train
-from indexer.train_config import load_run_config
-from indexer.train_data import DatasetError
+import indexer.train.loop as training
+import indexer.train.step as step
+from clipsearch.cli import app
+from indexer.data.decode import DatasetError
+from indexer.train.config import load_run_config
+from indexer.train.loop import train
+from indexer.train.progress import Progress
+from indexer.train.run import setup_run
+from indexer.train.step import TrainingDiverged
 from tests.conftest import REPO
 from tests.train.conftest import tiny_config, write_csv
 
@@ -31,7 +35,7 @@ def test_every_flag_reaches_the_config(monkeypatch, tmp_path: Path) -> None:
 
     def fake_train(cfg, resume=False):
         seen["cfg"], seen["resume"] = cfg, resume
-        return training.RunResult("finished", cfg.out, training.Progress(step=3), None)
+        return training.RunResult("finished", cfg.out, Progress(step=3), None)
 
     monkeypatch.setattr(training, "train", fake_train)
     args = (
@@ -86,7 +90,7 @@ def test_resume_reuses_the_saved_config(monkeypatch, trained_run) -> None:
 
     def fake_train(cfg, resume=False):
         seen["cfg"], seen["resume"] = cfg, resume
-        return training.RunResult("finished", cfg.out, training.Progress(step=3), None)
+        return training.RunResult("finished", cfg.out, Progress(step=3), None)
 
     monkeypatch.setattr(training, "train", fake_train)
     result = runner.invoke(app, ["train", "--resume", str(trained_run.run_dir), "--no-progress"])
@@ -172,7 +176,7 @@ def test_empty_dataset_and_single_item_val_stop(tmp_path: Path, colours: Path) -
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, colours: Path, monkeypatch
 ) -> None:
-    real_loss = training.contrastive_loss
+    real_loss = step.contrastive_loss
     calls = {"n": 0}
 
     def loss_turning_nan(*args, **kw):
@@ -180,11 +184,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         loss = real_loss(*args, **kw)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    monkeypatch.setattr(training, "contrastive_loss", loss_turning_nan)
+    monkeypatch.setattr(step, "contrastive_loss", loss_turning_nan)
     cfg = tiny_config(tmp_path / "nan", colours, colours, epochs=10, checkpoint_every_min=0.0)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 3"):
         train(cfg)
-    run = training.setup_run(cfg.validate(), resume=True)
+    run = setup_run(cfg.validate(), resume=True)
     assert run.progress.step == 3 and not run.progress.finished
     assert all(torch.isfinite(p).all() for p in run.built.model.parameters())
     assert (cfg.out / "model" / "open_clip_model.safetensors").is_file()  # best so far, from the evals
@@ -195,7 +199,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, colours: Path) -> 
     cmd = [
         sys.executable,
         "-m",
-        "indexer.cli",
+        "clipsearch",
         "train",
         "--train",
         str(colours),
@@ -228,5 +232,5 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, colours: Path) -> 
     assert proc.returncode == 130, stderr
     assert f"--resume {out}" in stderr and "Traceback" not in stderr
     cfg = load_run_config(out)
-    run = training.setup_run(cfg, resume=True)
+    run = setup_run(cfg, resume=True)
     assert run.progress.step >= 1 and not run.progress.finished

@@ -1,0 +1,1 @@
+"""One module per subcommand, each thin: parse -> config -> one call into `indexer` or `service`."""

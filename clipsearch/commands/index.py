@@ -1,0 +1,105 @@
+"""`clipsearch index`: embed a collection and a text corpus and publish a new bundle."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipsearch.commands.app import app, setup_logging, user_errors
+from indexer.core.errors import ClipsearchError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+class BadOption(ClipsearchError, ValueError):
+    """A command-line value that does not parse."""
+
+
+def parse_bytes(value: str) -> int:
+    """`4G`, `512MiB`, `1.5g` or plain bytes -> bytes (binary units)."""
+    m = _SIZE.match(value)
+    if not m:
+        raise BadOption(f"--max-index-memory {value!r} is not a size like 4G, 512M or 1000000")
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * 1024**power)
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> int:
+    if value < minimum:
+        raise BadOption(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+@app.command("index")
+def index_command(
+    model: Annotated[Path, typer.Option(help="Model dir (open_clip local-dir layout) to embed with.")],
+    images: Annotated[str, typer.Option(help="Folder, CSV/TSV/JSONL of image paths, or .tar shards.")],
+    bundles: Annotated[Path, typer.Option(help="Bundles dir; a new bundle is published under it.")],
+    texts: Annotated[Path | None, typer.Option(help="Extra texts: one per line, or a CSV column.")] = None,
+    index: Annotated[
+        str, typer.Option(help="auto, flat, hnsw, ivfpq or a faiss index_factory string.")
+    ] = "auto",
+    max_index_memory: Annotated[str, typer.Option(help="RAM budget per index for `auto`, e.g. 4G.")] = "4G",
+    exact_max: Annotated[
+        int, typer.Option(help="`auto` keeps exact search up to this many vectors.")
+    ] = 200_000,
+    keep: Annotated[int, typer.Option(help="Keep this many newest bundles (0 keeps all).")] = 3,
+    full: Annotated[bool, typer.Option("--full", help="Re-hash and re-embed everything.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: cores - 1).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (fp16 on GPU).")] = "auto",
+    image_column: Annotated[str, typer.Option(help="CSV/JSONL column with the image path.")] = "filepath",
+    caption_column: Annotated[str, typer.Option(help="CSV/JSONL column with the caption.")] = "caption",
+    max_pixels: Annotated[
+        int, typer.Option(help="Skip images whose header declares more pixels.")
+    ] = 50_000_000,
+    cpu_int8: Annotated[
+        bool,
+        typer.Option("--cpu-int8", help="CPU fast path: int8 dynamic quantisation (opt-in, see README)."),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Embed images and texts with MODEL and publish a bundle under BUNDLES (incremental by default)."""
+    setup_logging(verbose)
+    with user_errors():
+        from indexer.data.sources import SourceSpec
+        from indexer.data.workers import default_workers
+        from indexer.index.build import IndexConfig
+        from indexer.index.embed import EmbedConfig
+        from indexer.index.runner import ReindexConfig, reindex
+
+        cfg = ReindexConfig(
+            model_dir=model,
+            source=SourceSpec(images, image_column=image_column, caption_column=caption_column),
+            bundles_dir=bundles,
+            texts_file=texts,
+            index=IndexConfig(
+                kind=index,
+                max_memory=parse_bytes(max_index_memory),
+                exact_max=_positive("--exact-max", exact_max, 0),
+            ),
+            embed=EmbedConfig(
+                batch_size=_positive("--batch-size", batch_size),
+                workers=default_workers() if workers is None else _positive("--workers", workers, 0),
+                max_pixels=_positive("--max-pixels", max_pixels),
+                cpu_int8=cpu_int8,
+            ),
+            device=device,
+            keep=_positive("--keep", keep, 0),
+            full=full,
+        )
+        result = reindex(cfg)
+    if json_out:
+        typer.echo(json.dumps(result.summary()))
+        return
+    typer.echo(
+        f"published {result.bundle}: {result.images} images ({result.added} added, {result.updated} updated, "
+        f"{result.removed} removed, {result.unchanged} unchanged; {result.embedded} embedded"
+        f"{f' at {result.images_per_s:.1f} img/s' if result.embedded else ''}), {result.texts} texts, "
+        f"{result.skipped} skipped, in {result.seconds:.1f} s"
+    )

@@ -1,1 +1,0 @@
-"""The `clipsearch` command line: one module per subcommand, each thin (parse -> config -> one call)."""

@@ -1,0 +1,71 @@
+"""`manifest.json`: what a bundle holds, typed. Imports neither torch, open_clip nor FAISS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from indexer.core.bundle.layout import MANIFEST
+from indexer.core.errors import ClipsearchError, first_error
+
+
+class BundleError(ClipsearchError, RuntimeError):
+    """A bundle that is missing, incomplete or inconsistent; the message says what disagrees."""
+
+
+class ModelRef(BaseModel):
+    """What a model is: enough to describe it in a manifest or `/v1/info` (also `Encoder.info`)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
+
+    name: str
+    fingerprint: str = Field(description="sha256 of open_clip_model.safetensors")
+    embed_dim: int
+    image_size: int
+    context_length: int
+    preprocess: dict[str, Any] = Field(default_factory=dict)
+
+
+class IndexSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    count: int
+    factory: str = "Flat"
+    metric: Literal["inner_product"] = "inner_product"
+    recall_at_10: float | None = Field(None, description="measured vs exact search; None for exact")
+    params: dict[str, Any] = Field(default_factory=dict, description="search-time params, e.g. nprobe")
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    size: int
+
+
+class BundleManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    version: str
+    created_at: str
+    model: ModelRef
+    images: IndexSpec
+    texts: IndexSpec
+    files: dict[str, FileEntry]
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_manifest(root: Path) -> BundleManifest:
+    """The manifest of the bundle dir `root`; `BundleError` naming the first problem."""
+    path = root / MANIFEST
+    try:
+        return BundleManifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError as e:
+        raise BundleError(f"{root.name}: {MANIFEST} is missing") from e
+    except ValidationError as e:
+        where, msg = first_error(e.errors())
+        raise BundleError(f"{root.name}: {MANIFEST} is invalid at {where or 'the top'}: {msg}") from e

@@ -1,0 +1,1 @@
+"""The evaluation stage: pure retrieval metrics (`metrics`) and `clipsearch eval`'s runner (`runner`)."""

@@ -1,0 +1,171 @@
+"""The reader stage: list the source, stat every image, hash only what changed, and diff against the
+previous bundle so ids stay stable and the run knows what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from indexer.core.bundle.items import ItemStore, Skipped
+from indexer.core.bundle.layout import CURRENT, ITEMS_DB
+from indexer.core.bundle.manifest import BundleError, BundleManifest, load_manifest
+from indexer.core.bundle.read import read_current
+from indexer.data.sources import Record
+from indexer.index.cache import FileState, FileStates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image of the source with its content hash."""
+
+    record: Record
+    state: FileState
+    mtime: float  # seconds, for `Item.mtime`
+
+    @property
+    def key(self) -> str:
+        return self.record.key
+
+    @property
+    def sha256(self) -> str:
+        return self.state.sha256
+
+
+@dataclass
+class Previous:
+    """What the current bundle holds, to keep ids stable and count changes."""
+
+    version: str | None = None
+    manifest: BundleManifest | None = None
+    root: Path | None = None
+    images: dict[str, tuple[int, str]] = field(default_factory=dict)  # key -> (id, sha256)
+    texts: dict[str, int] = field(default_factory=dict)  # text -> id
+    next_id: int = 0
+
+
+def read_previous(bundles_dir: Path) -> Previous:
+    """The CURRENT bundle's ids, or an empty `Previous` when there is none (or it cannot be read)."""
+    try:
+        version = read_current(bundles_dir)
+        root = Path(bundles_dir) / version
+        manifest = load_manifest(root)
+        store = ItemStore(root / ITEMS_DB)
+        try:
+            items = store.all()
+        finally:
+            store.close()
+    except (BundleError, sqlite3.DatabaseError, OSError) as e:
+        if (Path(bundles_dir) / CURRENT).exists():
+            log.warning("cannot read the current bundle (%s); item ids start afresh", e)
+        return Previous()
+    prev = Previous(version=version, manifest=manifest, root=root)
+    for item in items:
+        if item.kind == "image" and item.path is not None:
+            prev.images[item.path] = (item.id, item.sha256 or "")
+        elif item.text is not None:
+            prev.texts[item.text] = item.id
+    top = max((item.id for item in items), default=-1)
+    prev.next_id = max(top + 1, int(manifest.stats.get("next_id", 0)))
+    return prev
+
+
+def _signature(record: Record) -> tuple[int, int, float]:
+    """(size, mtime_ns, mtime) of the file, or of the shard for a tar member."""
+    st = os.stat(record.path if record.path is not None else record.shard)  # type: ignore[arg-type]
+    return st.st_size, st.st_mtime_ns, st.st_mtime
+
+
+@dataclass
+class ScanResult:
+    images: list[SourceImage]
+    failed: list[Skipped]
+    hashed: int  # files that had to be read because their signature changed
+
+
+def scan(records: Sequence[Record], states: FileStates, full: bool) -> ScanResult:
+    """Stat every record; hash those whose (size, mtime) differ from the last run (all of them if `full`)."""
+    known = {} if full else states.load()
+    images: list[SourceImage] = []
+    failed: list[Skipped] = []
+    todo: list[tuple[Record, int, int, float]] = []
+    for rec in records:
+        try:
+            size, mtime_ns, mtime = _signature(rec)
+        except OSError as e:
+            failed.append(_failure(rec.key, e))
+            continue
+        old = known.get(rec.key)
+        if old is not None and (old.size, old.mtime_ns) == (size, mtime_ns):
+            images.append(SourceImage(rec, old, mtime))
+        else:
+            todo.append((rec, size, mtime_ns, mtime))
+    unchanged = len(images)
+    hashed = _hash_all(todo, images, failed)
+    states.put((img.key, img.state) for img in images[unchanged:])  # the rest are stored as they are
+    order = {r.key: i for i, r in enumerate(records)}
+    images.sort(key=lambda img: order[img.key])
+    return ScanResult(images=images, failed=failed, hashed=hashed)
+
+
+def _failure(key: str, e: OSError) -> Skipped:
+    code = "not_found" if isinstance(e, FileNotFoundError) else "unreadable"
+    return Skipped(key, code, f"{e.strerror or e}")
+
+
+def _hash_all(
+    todo: Iterable[tuple[Record, int, int, float]], out: list[SourceImage], failed: list[Skipped]
+) -> int:
+    by_shard: dict[Path, list[tuple[Record, int, int, float]]] = {}
+    n = 0
+    for item in todo:
+        rec = item[0]
+        if rec.path is None:
+            by_shard.setdefault(rec.shard, []).append(item)  # type: ignore[arg-type]
+            continue
+        try:
+            data = rec.path.read_bytes()
+        except OSError as e:
+            failed.append(_failure(rec.key, e))
+            continue
+        out.append(_hashed(item, data))
+        n += 1
+    for shard, items in by_shard.items():
+        n += _hash_shard(shard, items, out, failed)
+    return n
+
+
+def _hashed(item: tuple[Record, int, int, float], data: bytes) -> SourceImage:
+    rec, size, mtime_ns, mtime = item
+    state = FileState(size, mtime_ns, hashlib.sha256(data).hexdigest(), len(data))
+    return SourceImage(rec, state, mtime)
+
+
+def _hash_shard(
+    shard: Path,
+    items: list[tuple[Record, int, int, float]],
+    out: list[SourceImage],
+    failed: list[Skipped],
+) -> int:
+    """Hash the wanted members of one tar in a single sequential pass."""
+    wanted = {item[0].member: item for item in items}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                item = wanted.pop(member.name, None)
+                f = tar.extractfile(member) if item is not None else None
+                if item is not None and f is not None:
+                    out.append(_hashed(item, f.read()))
+    except (tarfile.TarError, OSError) as e:
+        log.warning("cannot read shard %s: %s", shard, e)
+    for item in wanted.values():
+        failed.append(Skipped(item[0].key, "unreadable", f"cannot read it from {shard}"))
+    return len(items) - len(wanted)

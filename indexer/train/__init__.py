@@ -1,0 +1,1 @@
+"""The training stage: config, model building and tower locks, cached data, the loop, checkpoints."""

@@ -1,0 +1,86 @@
+"""Model dirs: open_clip's own layout, loadable by plain open_clip, fingerprinted, with clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from indexer.core.architectures import resolve_model_name
+from indexer.core.encoder import Encoder, resolve_device
+from indexer.core.modeldir import CONFIG_NAME, WEIGHTS_NAME, ModelError, model_fingerprint
+
+
+def test_saved_dir_loads_with_plain_open_clip(tiny_model_dir):
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
+    enc = Encoder.from_dir(tiny_model_dir, device="cpu")
+    img = Image.new("RGB", (50, 40), (10, 200, 30))
+    with torch.no_grad():
+        ref = model.encode_image(preprocess(img)[None], normalize=True).numpy()
+    np.testing.assert_allclose(enc.encode_images([img]), ref, atol=1e-5)
+    assert not list(tiny_model_dir.glob("*.pt")) and not list(tiny_model_dir.glob("*.bin"))
+
+
+def test_encoder_outputs_unit_vectors(tiny_model_dir):
+    enc = Encoder.from_dir(tiny_model_dir, device="cpu")
+    texts = enc.encode_texts(["a red square", "a dog face"])
+    assert texts.shape == (2, 32) and texts.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+    assert enc.encode_texts([]).shape == (0, 32)
+    assert enc.info.embed_dim == 32 and enc.info.image_size == 32
+
+
+def test_fingerprint_is_weights_sha256(tiny_model_dir, tmp_path):
+    fp = model_fingerprint(tiny_model_dir)
+    assert len(fp) == 64 and fp == Encoder.from_dir(tiny_model_dir, "cpu").info.fingerprint
+    with pytest.raises(ModelError, match=WEIGHTS_NAME):
+        model_fingerprint(tmp_path)
+
+
+def test_resolve_model_name_accepts_every_kind(tiny_model_dir, tmp_path):
+    assert resolve_model_name("small") == "small"
+    assert resolve_model_name("ViT-B-32") == "ViT-B-32"
+    assert resolve_model_name(str(tiny_model_dir)).startswith("local-dir:")
+    cfg = json.loads((tiny_model_dir / CONFIG_NAME).read_text())["model_cfg"]
+    path = tmp_path / "my-arch.json"
+    path.write_text(json.dumps(cfg))
+    assert resolve_model_name(str(path)) == "my-arch"
+    assert open_clip.create_model("my-arch").text_projection.shape[-1] == 32
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("no-such-model", "unknown model"), ("/nonexistent/x.json", "does not exist")],
+)
+def test_resolve_model_name_errors(spec, message):
+    with pytest.raises(ModelError, match=message):
+        resolve_model_name(spec)
+
+
+def test_bad_json_config_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        resolve_model_name(str(bad))
+    bad.write_text('{"embed_dim": 8}')
+    with pytest.raises(ModelError, match="vision_cfg"):
+        resolve_model_name(str(bad))
+
+
+def test_not_a_model_dir(tmp_path):
+    with pytest.raises(ModelError, match="not a model dir"):
+        Encoder.from_dir(tmp_path, "cpu")
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ModelError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA"):
+            resolve_device("cuda")
