@@ -89,7 +89,7 @@ def _search_form(k: int, target: Target, min_score: float | None, offset: int) -
 
 
 class _Calls:
-    """The API, endpoint by endpoint (DESIGN.md)."""
+    """The API, endpoint by endpoint (docs/api.md)."""
 
     @staticmethod
     def healthz() -> _Call[HealthResponse]:

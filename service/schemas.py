@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (DESIGN.md), with their bounds written once, here."""
+"""Request and response bodies of the HTTP API (docs/api.md), with their bounds written once, here."""
 
 from __future__ import annotations
 

@@ -98,6 +98,7 @@ def _loaded_after(code: str, **env: str) -> set[str]:
     return set(out.stdout.split())
 
 
+@pytest.mark.slow
 def test_service_import_graph_stays_on_the_read_side() -> None:
     loaded = _loaded_after("import service.app, service.server, service.client")
     ours = {m for m in loaded if m.split(".")[0] == "indexer" and m != "indexer"}
@@ -105,16 +106,19 @@ def test_service_import_graph_stays_on_the_read_side() -> None:
     assert "service.app" in loaded
 
 
+@pytest.mark.slow
 def test_client_import_needs_no_torch() -> None:
     loaded = _loaded_after("import service.client")
     assert not {"torch", "faiss", "open_clip", "fastapi"} & loaded
 
 
+@pytest.mark.slow
 def test_manifest_types_need_no_torch_or_open_clip() -> None:
     loaded = _loaded_after("import indexer.core.bundle.manifest, indexer.core.bundle.layout")
     assert not {"torch", "open_clip", "faiss"} & loaded
 
 
+@pytest.mark.slow
 def test_no_module_writes_files_at_import(tmp_path: Path) -> None:
     modules = sorted(
         ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")

@@ -15,6 +15,8 @@ import pytest
 from indexer.core.bundle.read import open_bundle
 from tests.conftest import REPO, run_cli
 
+pytestmark = pytest.mark.slow
+
 FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 QUICK = ["--limit", "40", "--model", "tiny-test", "--time-budget", "0.1", "--device", "cpu", "--font", FONT]
 

@@ -32,6 +32,7 @@ def call(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return code, out, err
 
 
+@pytest.mark.slow
 def test_json_prints_exactly_one_object_with_the_promised_keys(tiny_model_dir, colour_csv, tmp_path):
     args = [
         "index",

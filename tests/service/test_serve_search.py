@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from tests.service import helpers
 
@@ -86,15 +87,44 @@ def test_image_to_images_finds_the_same_picture_first(client: TestClient) -> Non
 
 
 def test_image_to_texts(client: TestClient) -> None:
-    hits = upload(client, helpers.png((20, 40, 230)), k=4, target="texts", offset=1)["results"]
+    blue = helpers.png((20, 40, 230))
+    full = upload(client, blue, k=5, target="texts")["results"]
+    hits = upload(client, blue, k=4, target="texts", offset=1)["results"]
     assert len(hits) == 4 and all(h["kind"] == "text" for h in hits)
+    assert [h["id"] for h in hits] == [h["id"] for h in full[1:5]]  # offset pages the same ranking
+    assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in full[1:5]], abs=1e-5)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [helpers.cmyk_jpeg, helpers.png_16bit, helpers.palette_with_transparency, helpers.animated_gif],
-    ids=["cmyk", "16bit", "palette-transparency", "animated-gif"],
-)
-def test_unusual_image_modes_work(client: TestClient, make: Callable[[], bytes]) -> None:
-    hits = upload(client, make(), k=2)["results"]
-    assert len(hits) == 2
+def _transparent_half_on_white() -> Image.Image:
+    img = Image.new("RGB", (40, 40), (230, 20, 20))
+    img.paste((255, 255, 255), (0, 0, 20, 40))  # the left half is the transparent palette entry
+    return img
+
+
+# Each unusual upload and the plain RGB picture the shared decoder must turn it into: transparency on
+# white, 16-bit scaled to 8 (50000 >> 8 = 195), the first frame of an animation.
+UNUSUAL: dict[str, tuple[Callable[[], bytes], Callable[[], Image.Image]]] = {
+    "cmyk": (helpers.cmyk_jpeg, lambda: Image.new("CMYK", (40, 40), (0, 220, 220, 20)).convert("RGB")),
+    "16bit": (helpers.png_16bit, lambda: Image.new("RGB", (40, 40), (195, 195, 195))),
+    "palette-transparency": (helpers.palette_with_transparency, _transparent_half_on_white),
+    "animated-gif": (helpers.animated_gif, lambda: Image.new("RGB", (40, 40), (230, 20, 20))),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSUAL))
+def test_unusual_image_modes_work(client: TestClient, case: str) -> None:
+    make, expected = UNUSUAL[case]
+    hits = upload(client, make(), k=3)["results"]
+    want = upload(client, helpers.encode(expected(), "PNG"), k=3)["results"]
+    assert len(hits) == 3
+    # The same hits with the same scores as the picture it decodes to, so the mode was converted as
+    # documented, not merely accepted (JPEG is lossy: there only the top hit, with a tolerance).
+    assert hits[0]["id"] == want[0]["id"]
+    if case == "cmyk":
+        assert hits[0]["score"] == pytest.approx(want[0]["score"], abs=0.02)
+    else:
+        assert [h["id"] for h in hits] == [h["id"] for h in want]
+        assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in want], abs=1e-5)
+    if case == "animated-gif":  # its first frame is the collection's red square
+        assert hits[0]["path"].endswith(("red.png", "escape.png"))
+        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)

@@ -102,6 +102,7 @@ def test_api_healthcheck_probes_readyz_with_python(compose):
         _duration_s(check[key])
 
 
+@pytest.mark.slow
 def test_api_healthcheck_passes_only_when_ready(compose, readyz_stub):
     argv = [sys.executable, *compose["services"]["api"]["healthcheck"]["test"][2:]]
     argv = [a.replace(":8000/", f":{readyz_stub.port}/") for a in argv]
@@ -131,6 +132,7 @@ def _container_commands() -> list[list[str]]:
 
 
 @pytest.mark.parametrize("argv", _container_commands(), ids=lambda a: " ".join(a))
+@pytest.mark.slow
 def test_container_commands_exist_with_their_flags(argv):
     """`clipsearch SUB --help` works and lists every flag the containers pass (run as a real process)."""
     result = run_cli([argv[0], "--help"], env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}, timeout=120)

@@ -92,6 +92,7 @@ def test_runs_as_a_non_root_user(dockerfile):
     )
 
 
+@pytest.mark.slow
 def test_exposes_8000_and_enters_through_the_clipsearch_script(dockerfile):
     final = _final(dockerfile)
     assert any("8000" in e.args.split() for e in final.all("EXPOSE"))
@@ -134,6 +135,7 @@ def test_healthcheck_uses_python_on_readyz(dockerfile):
     assert "/readyz" in " ".join(argv)
 
 
+@pytest.mark.slow
 def test_healthcheck_passes_only_when_ready(dockerfile, readyz_stub):
     """Run the image's probe against a stand-in /readyz: ready -> exit 0; 503 -> non-zero."""
     argv = [sys.executable if a == "python" else a for a in _healthcheck_argv(dockerfile)]
@@ -145,6 +147,7 @@ def test_healthcheck_passes_only_when_ready(dockerfile, readyz_stub):
     assert readyz_stub.paths == ["/readyz", "/readyz"]
 
 
+@pytest.mark.slow
 def test_the_copied_context_builds_a_wheel_with_the_page_and_configs(dockerfile, tmp_path: Path):
     """What the build stage does, outside Docker: COPY (minus .dockerignore) then build the project."""
     patterns = dockerignore(REPO / ".dockerignore")

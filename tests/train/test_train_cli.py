@@ -194,6 +194,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert (cfg.out / "model" / "open_clip_model.safetensors").is_file()  # best so far, from the evals
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, colours: Path) -> None:
     out = tmp_path / "term"
     cmd = [

@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 from tests.service.conftest import build_bundle
 from tests.web.conftest import LiveServer, Visit
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CAPTIONS = {f"a {c} square" for c in ("red", "green", "blue", "yellow", "purple", "orange", "black", "white")}
 
