@@ -81,14 +81,12 @@ def _search(
     found: list[list[tuple[int, float]] | None] = [None] * len(specs)
     for target in ("images", "texts"):
         rows = [i for i, s in enumerate(specs) if s is not None and s.target == target]
-        index = snap.bundle.image_index if target == "images" else snap.bundle.text_index
         if not rows:
             continue
-        fetch = min(max(s.fetch for s in specs if s is not None and s.target == target), index.ntotal)
-        if fetch == 0:
-            scores, ids = np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
-        else:
-            scores, ids = index.search(np.ascontiguousarray(emb[rows]), fetch)
+        fetch = min(
+            max(s.fetch for s in specs if s is not None and s.target == target), snap.bundle.count(target)
+        )
+        scores, ids = snap.bundle.search(target, emb[rows], fetch)
         for row, i in enumerate(rows):
             spec = specs[i]
             assert spec is not None

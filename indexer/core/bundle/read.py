@@ -10,14 +10,18 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import faiss
+import numpy as np
 
 from indexer.core.bundle.items import ItemStore
 from indexer.core.bundle.layout import CURRENT, ITEMS_DB, MODEL_DIR
 from indexer.core.bundle.manifest import BundleError, BundleManifest, IndexSpec, load_manifest
 from indexer.core.hashing import HashedFile, file_sha256
 from indexer.core.modeldir import WEIGHTS_NAME
+
+Target = Literal["images", "texts"]
 
 
 @dataclass
@@ -37,6 +41,22 @@ class Bundle:
     @property
     def model_dir(self) -> Path:
         return self.root / MODEL_DIR
+
+    def count(self, target: Target) -> int:
+        return int(self.image_index.ntotal if target == "images" else self.text_index.ntotal)
+
+    def search(self, target: Target, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` nearest items of `target` to each query: (scores, ids), both (n_queries, k), best first.
+
+        `queries` is (n, dim) float32, L2-normalised; scores are cosine similarities. Where fewer than `k`
+        items exist the row is padded with id -1. Every search of a bundle goes through here.
+        """
+        index = self.image_index if target == "images" else self.text_index
+        if k == 0 or index.ntotal == 0:
+            n = len(queries)
+            return np.zeros((n, k), np.float32), np.full((n, k), -1, np.int64)
+        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, ids
 
     def close(self) -> None:
         self.items.close()
