@@ -157,7 +157,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+            allow_headers=["Authorization", "Content-Type"],
             expose_headers=[BUNDLE_HEADER, "Retry-After"],
             max_age=600,
         )

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Target = Literal["images", "texts"]
+
+# Characters that carry no text: controls (NUL included), format characters (zero-width space, BOM) and
+# lone surrogates. A query made only of these and whitespace is empty.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs"})
+
+
+def blank(text: str) -> bool:
+    """True when `text` holds nothing to search with: only whitespace and invisible characters."""
+    return all(c.isspace() or unicodedata.category(c) in _INVISIBLE for c in text)
 
 
 class SearchParams(BaseModel):
@@ -21,7 +31,13 @@ class SearchParams(BaseModel):
 
 
 class TextSearchRequest(SearchParams):
-    """`POST /v1/search/text`: text→image (`target` images) or text→text (`target` texts)."""
+    """`POST /v1/search/text`: text→image (`target` images) or text→text (`target` texts).
+
+    Strict: JSON numbers must be integers where integers are asked for (`"k": true` or `"k": "3"` is
+    refused). The multipart form of an image search sends strings, so `SearchParams` itself stays lax.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     query: str = Field(description="The text to search with.", examples=["a red square"])
 
@@ -29,7 +45,7 @@ class TextSearchRequest(SearchParams):
 class EmbedTextRequest(BaseModel):
     """`POST /v1/embed/text`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     texts: list[str] = Field(min_length=1, description="Texts to embed (at most max_embed_texts).")
 

@@ -10,7 +10,7 @@ from service.auth import require_api_key
 from service.deps import ServiceDep, mark_bundle, require_json
 from service.errors import ApiError
 from service.routes.images_form import MULTIPART_DOC, run_image
-from service.schemas import EmbedResponse, EmbedTextRequest
+from service.schemas import EmbedResponse, EmbedTextRequest, blank
 from service.search import JobResult, TextJob
 
 router = APIRouter(prefix="/v1/embed", tags=["embed"], dependencies=[Depends(require_api_key)])
@@ -35,7 +35,7 @@ async def embed_text(body: EmbedTextRequest, request: Request, service: ServiceD
     if len(body.texts) > settings.max_embed_texts:
         raise ApiError(422, "too_many_texts", f"send at most {settings.max_embed_texts} texts per call")
     for i, text in enumerate(body.texts):
-        if not text.strip():
+        if blank(text):
             raise ApiError(422, "empty_query", f"texts[{i}] is empty")
         if len(text) > settings.max_query_chars:
             raise ApiError(
