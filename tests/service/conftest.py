@@ -64,6 +64,7 @@ def build_bundle(
             path=os.path.abspath(p),
             text=c,
             size=p.stat().st_size,
+            mtime=p.stat().st_mtime,
             width=im.width,
             height=im.height,
         )
