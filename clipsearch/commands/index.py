@@ -49,6 +49,10 @@ def index_command(
     ] = 200_000,
     keep: Annotated[int, typer.Option(help="Keep this many newest bundles (0 keeps all).")] = 3,
     full: Annotated[bool, typer.Option("--full", help="Re-hash and re-embed everything.")] = False,
+    reset_ids: Annotated[
+        bool,
+        typer.Option("--reset-ids", help="Number items from 0 again (ids clients cached change meaning)."),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: cores - 1).")] = None,
@@ -92,6 +96,7 @@ def index_command(
             device=device,
             keep=_positive("--keep", keep, 0),
             full=full,
+            reset_ids=reset_ids,
         )
         result = reindex(cfg)
     if json_out:

@@ -28,6 +28,7 @@ from indexer.index.build import IndexConfig, build_index, validate_factory
 from indexer.index.cache import MODEL_KEY_PREFIX, EmbeddingCache, FileState, FileStates
 from indexer.index.embed import EmbedConfig, ImageJob, apply_fast_path, embed_images, embed_texts
 from indexer.index.gc import prune
+from indexer.index.ids import save_ids
 from indexer.index.lock import exclusive_lock
 from indexer.index.publish import BundleContents, clean_temp, publish
 from indexer.index.scan import Previous, ScanResult, SourceImage, read_previous, scan
@@ -51,6 +52,7 @@ class ReindexConfig:
     device: str = "auto"
     keep: int = 3  # bundles kept after publishing (CURRENT and leased ones are always kept)
     full: bool = False  # ignore file signatures and the embedding cache
+    reset_ids: bool = False  # number items from 0 again, on purpose (ids clients cached change meaning)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def _run(cfg: ReindexConfig, dim: int, start: float) -> ReindexResult:
         raise IndexingError(f"no images found in {cfg.source.source}")
     extra = read_texts_file(cfg.texts_file, cfg.source.caption_column) if cfg.texts_file else []
     texts = collect_texts(records, extra)
-    prev = read_previous(cfg.bundles_dir)
+    prev = read_previous(cfg.bundles_dir, cfg.reset_ids)
     states = FileStates(cfg.bundles_dir)
     try:
         scanned = scan(records, states, cfg.full)
@@ -180,6 +182,7 @@ def _embed_and_publish(
     if not usable:
         raise IndexingError(_all_failed_message(skipped))
     contents, counts = _contents(cfg, usable, texts, prev, cache, encoder, skipped)
+    save_ids(cfg.bundles_dir, contents.items, (contents.stats or {})["next_id"])  # before a bundle shows them
     root = publish(cfg.bundles_dir, contents)
     reached("published", work)
     pruned = tuple(prune(cfg.bundles_dir, cfg.keep)) if cfg.keep > 0 else ()
