@@ -108,7 +108,7 @@ def gc_command(
 ) -> None:
     """Remove old bundles, leftovers of interrupted runs and unused cached embeddings."""
     setup_logging()
-    with user_errors():
+    with user_errors(disk=bundles):
         from indexer.core.bundle.inventory import current_problem
         from indexer.index.gc import prune, prune_cache
         from indexer.index.lock import exclusive_lock

@@ -66,11 +66,13 @@ def index_command(
         bool,
         typer.Option("--cpu-int8", help="CPU fast path: int8 dynamic quantisation (opt-in, see README)."),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging, and the traceback with an error.")
+    ] = False,
 ) -> None:
     """Embed images and texts with MODEL and publish a bundle under BUNDLES (incremental by default)."""
     setup_logging(verbose)
-    with user_errors():
+    with user_errors(verbose, disk=bundles):
         from indexer.data.sources import SourceSpec
         from indexer.data.workers import default_workers
         from indexer.index.build import IndexConfig

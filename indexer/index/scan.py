@@ -20,6 +20,7 @@ from indexer.core.bundle.read import list_versions, open_bundle_dir, read_curren
 from indexer.data.sources import Record
 from indexer.index.cache import FileState, FileStates
 from indexer.index.ids import IdState, IdStateError, high_water, ids_path, load_ids
+from indexer.index.stages import reached
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ def _hash_all(
             continue
         out.append(_hashed(item, data))
         n += 1
+        reached("scan-hashed")
     for shard, items in by_shard.items():
         n += _hash_shard(shard, items, out, failed)
     return n
