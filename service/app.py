@@ -65,7 +65,7 @@ def _build_service(settings: ServiceSettings, metrics: Metrics, executor: Thread
         metrics.bundle.info({"version": snap.version, "model": snap.bundle.manifest.model.name})
         metrics.bundle_loaded.set(snap.loaded_at)
 
-    state = ServiceState(settings, on_swap=on_swap)
+    state = ServiceState(settings, on_swap=on_swap, on_refuse=lambda reason: metrics.refusals.inc())
     runner = BatchRunner(state, metrics)
     texts: MicroBatcher[TextJob, JobResult] = _batcher("text", runner.run_texts, executor, settings, metrics)
     images: MicroBatcher[ImageJob, JobResult] = _batcher(

@@ -54,6 +54,14 @@ class Metrics:
             "clipsearch_bundle_loaded_timestamp_seconds", "When the served bundle was loaded.", registry=r
         )
         self.reloads = Counter("clipsearch_reloads", "Reload attempts by outcome.", ["outcome"], registry=r)
+        self.refusals = Counter(
+            "clipsearch_bundle_refusals", "Bundles refused (each bundle and reason once).", registry=r
+        )
+        self.fallback = Gauge(
+            "clipsearch_serving_fallback",
+            "1 while serving an older bundle because the one CURRENT names was refused at start-up.",
+            registry=r,
+        )
 
     @contextmanager
     def time_stage(self, stage: str, kind: str) -> Iterator[None]:

@@ -109,6 +109,13 @@ class IndexInfo(BaseModel):
     recall_at_10: float | None = None
 
 
+class FallbackInfo(BaseModel):
+    """Set while the server serves an older bundle because the one CURRENT names was refused at start-up."""
+
+    current: str | None = Field(description="What CURRENT names (null when CURRENT itself is unusable).")
+    reason: str = Field(description="Why that bundle was refused.")
+
+
 class InfoResponse(BaseModel):
     """`GET /v1/info`."""
 
@@ -122,11 +129,18 @@ class InfoResponse(BaseModel):
     max_query_chars: int
     max_body_bytes: int
     loaded_at: float
+    fallback: FallbackInfo | None = None
 
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "ready"]
     bundle: str | None = None
+
+
+class ReadyResponse(HealthResponse):
+    """`GET /readyz`: `fallback` is set while the bundle served is not the one CURRENT names."""
+
+    fallback: FallbackInfo | None = None
 
 
 class ReloadResponse(BaseModel):
