@@ -26,6 +26,7 @@ from service.metrics import Metrics, RequestMetricsMiddleware
 from service.routes import admin, embed, health, items, pages, search
 from service.routes.pages import STATIC_DIR
 from service.search import BatchRunner, ImageJob, JobResult, TextJob
+from service.schemas import ERROR_RESPONSES
 from service.settings import ServiceSettings
 from service.state import ServiceState, Snapshot
 from service.uploads import BodyLimitMiddleware
@@ -142,6 +143,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         summary="Text→image, image→text and image→image search over a FAISS bundle.",
         version="1",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -50,6 +50,28 @@ class EmbedTextRequest(BaseModel):
     texts: list[str] = Field(min_length=1, description="Texts to embed (at most max_embed_texts).")
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code (docs/api.md lists them all).")
+    message: str = Field(description="What was wrong, in one line.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer: `{"error": {"code", "message"}}`."""
+
+    error: ErrorDetail
+
+
+# Documented on every route (the app's `responses`), so the OpenAPI schema describes the errors too.
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    "4XX": {"model": ErrorResponse, "description": "Refused: the code says why (docs/api.md, errors)."},
+    503: {
+        "model": ErrorResponse,
+        "description": "not_ready, overloaded, shutting_down or too_many_connections; see Retry-After.",
+        "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+    },
+}
+
+
 class SearchHit(BaseModel):
     """One result. Images carry `caption` (their first caption, if any) and `image_url`; texts `text`."""
 

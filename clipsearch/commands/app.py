@@ -71,7 +71,7 @@ def error_line(exc: BaseException, disk: Path | None = None) -> str:
         line = str(exc)
     elif is_disk_full(exc):
         path = getattr(exc, "filename", None) or disk or Path.cwd()
-        line = describe(Path(path), f"running ({type(exc).__name__}: {exc})")
+        line = describe(Path(path), "writing")
     elif isinstance(exc, OSError):  # permission denied, missing file: the OS message is the clearest
         line = str(exc)
     else:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from service.auth import require_api_key
 from service.deps import ServiceDep, mark_bundle, require_json
 from service.errors import ApiError
-from service.routes.images_form import MULTIPART_DOC, run_image
+from service.routes.images_form import EMBED_MULTIPART_DOC, run_image
 from service.schemas import EmbedResponse, EmbedTextRequest, blank
 from service.search import JobResult, TextJob
 
@@ -47,7 +47,7 @@ async def embed_text(body: EmbedTextRequest, request: Request, service: ServiceD
     return _response(request, result, start)
 
 
-@router.post("/image", openapi_extra={"requestBody": MULTIPART_DOC["requestBody"]})
+@router.post("/image", openapi_extra=EMBED_MULTIPART_DOC)
 async def embed_image(request: Request, service: ServiceDep) -> EmbedResponse:
     """Embed one uploaded image (multipart `file`)."""
     start = time.perf_counter()

@@ -191,6 +191,8 @@ def test_embed_bad_inputs(client: TestClient) -> None:
     error(client.post("/v1/embed/text", json={"texts": ["ok", " "]}), 422, "empty_query")
     error(client.post("/v1/embed/text", json={"texts": ["x"] * 65}), 422, "too_many_texts")
     error(client.post("/v1/embed/image", files={"file": ("n.png", b"nope")}), 400, "not_an_image")
+    r = client.post("/v1/embed/image", files={"file": ("r.png", helpers.png())}, data={"offset": "-1"})
+    assert "offset" in error(r, 422, "invalid_request"), "embedding takes no search options"
 
 
 LIMIT = 64 * 1024
