@@ -25,8 +25,8 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.routes import admin, embed, health, items, pages, search
 from service.routes.pages import STATIC_DIR
-from service.search import BatchRunner, ImageJob, JobResult, TextJob
 from service.schemas import ERROR_RESPONSES
+from service.search import BatchRunner, ImageJob, JobResult, TextJob
 from service.settings import ServiceSettings
 from service.state import ServiceState, Snapshot
 from service.uploads import BodyLimitMiddleware

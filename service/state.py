@@ -174,12 +174,12 @@ class ServiceState:
                 self._failed[version] = time.time()
                 log.error("bundle %s refused too: %s", version, e)
                 continue
-            self._swap(snap)
-            self.fallback = Fallback(current=refused, reason=reason)
+            self._swap(snap, Fallback(current=refused, reason=reason))
+            what = f"CURRENT names {refused}, which" if refused else "CURRENT"
             log.error(
-                "CURRENT names %s, which was refused (%s); serving %s instead, the newest bundle that "
-                "verifies, until a bundle CURRENT names loads",
-                refused or "no usable bundle",
+                "%s was refused (%s); serving %s instead, the newest bundle that verifies, until a bundle "
+                "CURRENT names loads",
+                what,
                 reason,
                 version,
             )
@@ -204,11 +204,11 @@ class ServiceState:
             bundle.close()
             raise
 
-    def _swap(self, snap: Snapshot) -> None:
+    def _swap(self, snap: Snapshot, fallback: Fallback | None = None) -> None:
         with self._lock:
             old, self._current = self._current, snap
             self.last_error = None
-            self.fallback = None
+            self.fallback = fallback
             close_old = old is not None and old._refs == 0
             if old is not None:
                 old._retired = True

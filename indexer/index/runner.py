@@ -190,9 +190,8 @@ def _embed_and_publish(
         raise IndexingError(_all_failed_message(skipped))
     contents, counts = _contents(cfg, usable, texts, prev, cache, encoder, skipped)
     with space.writing(cfg.bundles_dir, "publishing the new bundle"):
-        save_ids(
-            cfg.bundles_dir, contents.items, (contents.stats or {})["next_id"]
-        )  # before a bundle shows them
+        # The id record first: it is never behind a bundle that shows its ids.
+        save_ids(cfg.bundles_dir, contents.items, (contents.stats or {})["next_id"])
         root = publish(cfg.bundles_dir, contents)
     reached("published", work)
     pruned = tuple(prune(cfg.bundles_dir, cfg.keep)) if cfg.keep > 0 else ()
