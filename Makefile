@@ -12,13 +12,14 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # fontconfig (to find the font) and FriBiDi (Pillow's complex text layout draws emoji sequences with it).
 TEST_PACKAGES ?= fonts-noto-color-emoji chromium fontconfig libfribidi0
 
-.PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench clean
+.PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench faults clean
 
 help:
 	@echo "make demo   - set up .venv, build the emoji data, train, index and serve on http://127.0.0.1:$(PORT)"
 	@echo "make test   - install dev dependencies and system packages, run lint, types and the whole test suite"
 	@echo "make test-fast - the tests not marked slow (a loop of under two minutes for day-to-day work)"
 	@echo "make bench  - run the side-by-side benchmarks in benchmarks/"
+	@echo "make faults - the fault suite (kill -9, reloads, fuzzing, slow clients, soak, full disk; docs/reliability.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,10 @@ bench: dev
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/index.py
 	$(BIN)/python benchmarks/serve.py
+
+# About 50 minutes (a 30-minute soak included); `make faults FAULTS_ARGS=--quick` takes about 10.
+faults: dev
+	$(BIN)/python benchmarks/faults.py $(FAULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

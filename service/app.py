@@ -25,6 +25,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.routes import admin, embed, health, items, pages, search
 from service.routes.pages import STATIC_DIR
+from service.schemas import ERROR_RESPONSES
 from service.search import BatchRunner, ImageJob, JobResult, TextJob
 from service.settings import ServiceSettings
 from service.state import ServiceState, Snapshot
@@ -65,7 +66,7 @@ def _build_service(settings: ServiceSettings, metrics: Metrics, executor: Thread
         metrics.bundle.info({"version": snap.version, "model": snap.bundle.manifest.model.name})
         metrics.bundle_loaded.set(snap.loaded_at)
 
-    state = ServiceState(settings, on_swap=on_swap)
+    state = ServiceState(settings, on_swap=on_swap, on_refuse=lambda reason: metrics.refusals.inc())
     runner = BatchRunner(state, metrics)
     texts: MicroBatcher[TextJob, JobResult] = _batcher("text", runner.run_texts, executor, settings, metrics)
     images: MicroBatcher[ImageJob, JobResult] = _batcher(
@@ -142,6 +143,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         summary="Text→image, image→text and image→image search over a FAISS bundle.",
         version="1",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -157,7 +159,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+            allow_headers=["Authorization", "Content-Type"],
             expose_headers=[BUNDLE_HEADER, "Retry-After"],
             max_age=600,
         )

@@ -1,6 +1,7 @@
 """Bearer-key checks: the admin key for /v1/admin/*, the optional API key for query routes.
 
-Keys are compared in constant time. No admin key configured means the admin routes are disabled.
+`Authorization: Bearer KEY` is the one way to send a key, the same for the page, the Python client and
+the admin routes. Keys are compared in constant time. No admin key configured disables the admin routes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def _presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if header:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
         return None
-    return request.headers.get("x-api-key") or None
+    return token.strip() or None
+
+
+def _unauthorized(which: str, request: Request) -> ApiError:
+    hint = " (X-API-Key is not accepted)" if "x-api-key" in request.headers else ""
+    return ApiError(401, "unauthorized", f"send Authorization: Bearer <{which} key>{hint}", _CHALLENGE)
 
 
 def _matches(presented: str, expected: str) -> bool:
@@ -37,7 +40,7 @@ def require_admin(request: Request) -> None:
         )
     presented = _presented_key(request)
     if presented is None:
-        raise ApiError(401, "unauthorized", "send Authorization: Bearer <admin key>", _CHALLENGE)
+        raise _unauthorized("admin", request)
     if not _matches(presented, expected):
         raise ApiError(403, "forbidden", "the admin key is not valid")
 
@@ -49,7 +52,7 @@ def require_api_key(request: Request) -> None:
         return
     presented = _presented_key(request)
     if presented is None:
-        raise ApiError(401, "unauthorized", "send Authorization: Bearer <api key> (or X-API-Key)", _CHALLENGE)
+        raise _unauthorized("api", request)
     valid = _matches(presented, settings.api_key)
     if settings.admin_key:
         valid = _matches(presented, settings.admin_key) or valid

@@ -24,6 +24,7 @@ from service.schemas import (
     HealthResponse,
     InfoResponse,
     ItemResponse,
+    ReadyResponse,
     ReloadResponse,
     SearchResponse,
     Target,
@@ -96,8 +97,8 @@ class _Calls:
         return _Call("GET", "/healthz", _model(HealthResponse))
 
     @staticmethod
-    def readyz() -> _Call[HealthResponse]:
-        return _Call("GET", "/readyz", _model(HealthResponse))
+    def readyz() -> _Call[ReadyResponse]:
+        return _Call("GET", "/readyz", _model(ReadyResponse))
 
     @staticmethod
     def info() -> _Call[InfoResponse]:
@@ -177,7 +178,7 @@ class Client(_Base):
     def healthz(self) -> HealthResponse:
         return self._do(_Calls.healthz())
 
-    def readyz(self) -> HealthResponse:
+    def readyz(self) -> ReadyResponse:
         return self._do(_Calls.readyz())
 
     def info(self) -> InfoResponse:
@@ -255,7 +256,7 @@ class AsyncClient(_Base):
     async def healthz(self) -> HealthResponse:
         return await self._do(_Calls.healthz())
 
-    async def readyz(self) -> HealthResponse:
+    async def readyz(self) -> ReadyResponse:
         return await self._do(_Calls.readyz())
 
     async def info(self) -> InfoResponse:

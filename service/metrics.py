@@ -54,6 +54,21 @@ class Metrics:
             "clipsearch_bundle_loaded_timestamp_seconds", "When the served bundle was loaded.", registry=r
         )
         self.reloads = Counter("clipsearch_reloads", "Reload attempts by outcome.", ["outcome"], registry=r)
+        self.refusals = Counter(
+            "clipsearch_bundle_refusals", "Bundles refused (each bundle and reason once).", registry=r
+        )
+        self.open_connections = Gauge("clipsearch_open_connections", "HTTP connections open now.", registry=r)
+        self.connections_closed = Counter(
+            "clipsearch_connections_closed",
+            "Connections the server closed: header_timeout, body_timeout, evicted (at the cap), refused.",
+            ["reason"],
+            registry=r,
+        )
+        self.fallback = Gauge(
+            "clipsearch_serving_fallback",
+            "1 while serving an older bundle because the one CURRENT names was refused at start-up.",
+            registry=r,
+        )
 
     @contextmanager
     def time_stage(self, stage: str, kind: str) -> Iterator[None]:
@@ -92,5 +107,6 @@ class RequestMetricsMiddleware:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
+            status = 408 if scope.get("clipsearch.timed_out") else status  # the server answered 408 itself
             self.metrics.requests.labels(scope["method"], name, str(status)).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - start)

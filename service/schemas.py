@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Target = Literal["images", "texts"]
+
+# Characters that carry no text: controls (NUL included), format characters (zero-width space, BOM) and
+# lone surrogates. A query made only of these and whitespace is empty.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs"})
+
+
+def blank(text: str) -> bool:
+    """True when `text` holds nothing to search with: only whitespace and invisible characters."""
+    return all(c.isspace() or unicodedata.category(c) in _INVISIBLE for c in text)
 
 
 class SearchParams(BaseModel):
@@ -21,7 +31,13 @@ class SearchParams(BaseModel):
 
 
 class TextSearchRequest(SearchParams):
-    """`POST /v1/search/text`: text→image (`target` images) or text→text (`target` texts)."""
+    """`POST /v1/search/text`: text→image (`target` images) or text→text (`target` texts).
+
+    Strict: JSON numbers must be integers where integers are asked for (`"k": true` or `"k": "3"` is
+    refused). The multipart form of an image search sends strings, so `SearchParams` itself stays lax.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     query: str = Field(description="The text to search with.", examples=["a red square"])
 
@@ -29,9 +45,31 @@ class TextSearchRequest(SearchParams):
 class EmbedTextRequest(BaseModel):
     """`POST /v1/embed/text`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     texts: list[str] = Field(min_length=1, description="Texts to embed (at most max_embed_texts).")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code (docs/api.md lists them all).")
+    message: str = Field(description="What was wrong, in one line.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer: `{"error": {"code", "message"}}`."""
+
+    error: ErrorDetail
+
+
+# Documented on every route (the app's `responses`), so the OpenAPI schema describes the errors too.
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    "4XX": {"model": ErrorResponse, "description": "Refused: the code says why (docs/api.md, errors)."},
+    503: {
+        "model": ErrorResponse,
+        "description": "not_ready, overloaded, shutting_down or too_many_connections; see Retry-After.",
+        "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+    },
+}
 
 
 class SearchHit(BaseModel):
@@ -93,6 +131,13 @@ class IndexInfo(BaseModel):
     recall_at_10: float | None = None
 
 
+class FallbackInfo(BaseModel):
+    """Set while the server serves an older bundle because the one CURRENT names was refused at start-up."""
+
+    current: str | None = Field(description="What CURRENT names (null when CURRENT itself is unusable).")
+    reason: str = Field(description="Why that bundle was refused.")
+
+
 class InfoResponse(BaseModel):
     """`GET /v1/info`."""
 
@@ -106,11 +151,18 @@ class InfoResponse(BaseModel):
     max_query_chars: int
     max_body_bytes: int
     loaded_at: float
+    fallback: FallbackInfo | None = None
 
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "ready"]
     bundle: str | None = None
+
+
+class ReadyResponse(HealthResponse):
+    """`GET /readyz`: `fallback` is set while the bundle served is not the one CURRENT names."""
+
+    fallback: FallbackInfo | None = None
 
 
 class ReloadResponse(BaseModel):

@@ -67,6 +67,27 @@ class ServiceSettings(BaseSettings):
     )
     verify_checksums: bool = Field(default=True, description="sha256 every bundle file before serving it.")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After seconds sent with 503 answers.")
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client has to send a request's headers (from connect, or from the first "
+        "byte on a kept-alive connection); then 408 and the connection closes.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a client has, once the headers are in, to send the whole body; then 408 and "
+        "the connection closes.",
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Open connections at most; past it a new one closes the oldest still sending its "
+        "headers (or idle), else gets 503 too_many_connections.",
+    )
+    keep_alive_s: float = Field(
+        default=30.0, gt=0, description="Seconds an idle kept-alive connection stays open."
+    )
     log_level: str = Field(default="info", description="Log level of the service and uvicorn.")
 
     @field_validator("cors_origins", mode="before")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexer.core.bundle.leases import write_lease
-from indexer.core.bundle.read import Bundle, open_bundle_dir, read_current
+from indexer.core.bundle.read import Bundle, list_versions, open_bundle_dir, read_current
 from indexer.core.encoder import Encoder
 from indexer.core.errors import ClipsearchError
 from service.errors import not_ready
@@ -39,6 +39,15 @@ class Snapshot:
     @property
     def version(self) -> str:
         return self.bundle.version
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Serving an older bundle because the one CURRENT names (`current`, None when CURRENT itself is
+    unusable) was refused at start-up for `reason`."""
+
+    current: str | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -67,16 +76,23 @@ def collection_root(bundle: Bundle) -> Path | None:
 class ServiceState:
     """Holds the current snapshot; loads, verifies and swaps in new bundles."""
 
-    def __init__(self, settings: ServiceSettings, on_swap: Callable[[Snapshot], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        on_swap: Callable[[Snapshot], None] | None = None,
+        on_refuse: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.bundles_dir = Path(settings.bundles)
         self.last_error: str | None = "starting: no bundle loaded yet"
+        self.fallback: Fallback | None = None  # set while serving an older bundle than CURRENT names
         self._on_swap = on_swap
+        self._on_refuse = on_refuse
         self._current: Snapshot | None = None
         self._lock = threading.Lock()  # guards _current and reference counts
         self._load_lock = threading.Lock()  # one load at a time
         self._failed: dict[str, float] = {}  # version -> when it last failed to load
-        self._last_logged: str | None = None
+        self._last_logged: tuple[str | None, str] | None = None
 
     @property
     def current(self) -> Snapshot | None:
@@ -128,13 +144,47 @@ class ServiceState:
             return ReloadResult(name, changed=True)
 
     def _failure(self, name: str | None, error: str) -> ReloadResult:
+        """Log a refused bundle (once per reason); with nothing served yet, serve the newest that verifies."""
         current = self._current
         if current is None:
             self.last_error = error
-        log.warning(
-            "bundle %s not loaded (%s); serving %s", name, error, current.version if current else "nothing"
-        )
+        nothing_yet = name is None and not list_versions(self.bundles_dir)
+        if (name, error) != self._last_logged:
+            self._last_logged = (name, error)
+            if not nothing_yet and self._on_refuse is not None:
+                self._on_refuse(error)
+            served = current.version if current else "nothing"
+            level = logging.WARNING if nothing_yet else logging.ERROR
+            log.log(level, "bundle %s refused: %s; serving %s", name or "(CURRENT)", error, served)
+        if current is None and not nothing_yet:
+            fallback = self._fallback(name, error)
+            if fallback is not None:
+                return ReloadResult(fallback, changed=True, error=error)
         return ReloadResult(current.version if current else None, changed=False, error=error)
+
+    def _fallback(self, refused: str | None, reason: str) -> str | None:
+        """Start-up only: serve the newest bundle that verifies instead of staying down."""
+        for version in reversed(list_versions(self.bundles_dir)):
+            failed_at = self._failed.get(version)
+            if version == refused or (failed_at and time.time() - failed_at < self.settings.reload_retry_s):
+                continue
+            try:
+                snap = self._open(version, None)
+            except (ClipsearchError, OSError, RuntimeError) as e:
+                self._failed[version] = time.time()
+                log.error("bundle %s refused too: %s", version, e)
+                continue
+            self._swap(snap, Fallback(current=refused, reason=reason))
+            what = f"CURRENT names {refused}, which" if refused else "CURRENT"
+            log.error(
+                "%s was refused (%s); serving %s instead, the newest bundle that verifies, until a bundle "
+                "CURRENT names loads",
+                what,
+                reason,
+                version,
+            )
+            return version
+        return None
 
     def _open(self, name: str, current: Snapshot | None) -> Snapshot:
         bundle = open_bundle_dir(self.bundles_dir / name, checksums=self.settings.verify_checksums)
@@ -154,10 +204,11 @@ class ServiceState:
             bundle.close()
             raise
 
-    def _swap(self, snap: Snapshot) -> None:
+    def _swap(self, snap: Snapshot, fallback: Fallback | None = None) -> None:
         with self._lock:
             old, self._current = self._current, snap
             self.last_error = None
+            self.fallback = fallback
             close_old = old is not None and old._refs == 0
             if old is not None:
                 old._retired = True

@@ -40,6 +40,26 @@ def test_every_setting_is_documented() -> None:
     assert not missing
 
 
+def _error_table() -> set[str]:
+    api = (REPO / "docs" / "api.md").read_text()
+    table = api[api.index("| status | code | when |") :].split("\n\n")[0]
+    return {code for row in table.splitlines() for code in re.findall(r"`(\w+)`", row.split("|")[2])}
+
+
+def test_every_error_code_the_api_answers_is_in_the_error_table() -> None:
+    from service.errors import _STATUS_CODES
+
+    source = "\n".join(p.read_text() for p in sorted((REPO / "service").rglob("*.py")))
+    codes = set(re.findall(r'ApiError\(\s*\d+,\s*"(\w+)"', source))
+    codes |= set(re.findall(r'_raw_response\(\s*[\w.]+,\s*\d+,\s*"[^"]*",\s*"(\w+)"', source))
+    codes |= set(_STATUS_CODES.values()) | {"internal_error"}
+    images = (REPO / "indexer" / "core" / "images.py").read_text()
+    upload = set(re.findall(r'(?:ImageError|TooManyPixels|UnsupportedFormat)\(\s*"(\w+)"', images))
+    codes |= (upload | {"truncated", "corrupt"}) - {"not_found", "not_a_file"}  # uploads are never paths
+    assert {"bad_request", "unreadable", "changed_on_disk", "request_timeout"} <= codes
+    assert codes - _error_table() == set()
+
+
 def test_every_route_is_documented() -> None:
     paths = {getattr(r, "path", "") for r in create_app(ServiceSettings()).routes}
     documented = {p for p in paths if p.replace("{item_id}", "42") in DOCS or p in DOCS}

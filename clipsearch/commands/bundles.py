@@ -41,9 +41,12 @@ def list_command(
 ) -> None:
     """List bundles, oldest first; `*` marks CURRENT, `L` a bundle a server holds a lease on."""
     with user_errors():
-        from indexer.core.bundle.inventory import describe
+        from indexer.core.bundle.inventory import current_problem, describe
 
         infos = describe(_existing(bundles))
+        problem = current_problem(bundles)
+    if problem:
+        typer.secho(f"warning: {problem}", err=True, fg=typer.colors.YELLOW)
     if json_out:
         typer.echo(json.dumps([i.as_dict() for i in infos]))
         return
@@ -68,25 +71,29 @@ def verify_command(
     bundles: BundlesOpt,
     version: Annotated[list[str] | None, typer.Option(help="Only these bundles (repeatable).")] = None,
 ) -> None:
-    """Open every bundle as the service would (checksums, counts, dimensions, model fingerprint)."""
+    """Open every bundle as the service would (checksums, counts, dimensions, model fingerprint); without
+    --version, also check that CURRENT names one of them."""
     with user_errors():
-        from indexer.core.bundle.inventory import verify
+        from indexer.core.bundle.inventory import current_problem, verify
         from indexer.core.bundle.read import list_versions
 
         known = list_versions(_existing(bundles))
         unknown = [v for v in version or [] if v not in known]
         if unknown:
             raise ClipsearchError(f"no bundle named {unknown[0]} in {bundles}")
+        current = None if version else current_problem(bundles)
         if not known:
-            raise ClipsearchError(f"no bundles in {bundles}")
+            raise ClipsearchError(f"no bundles in {bundles}" + (f" ({current})" if current else ""))
         results = verify(bundles, version)
     for name, problem in results.items():
         typer.echo(f"ok      {name}" if problem is None else f"FAILED  {name}: {problem}")
+    if current:
+        typer.echo(f"FAILED  CURRENT: {current}")
     bad = sum(p is not None for p in results.values())
-    if bad:
-        typer.secho(
-            f"error: {bad} of {len(results)} bundles failed verification", err=True, fg=typer.colors.RED
-        )
+    failures = [f"{bad} of {len(results)} bundles failed verification"] if bad else []
+    if failures or current:
+        line = "; ".join([*([current] if current else []), *failures])
+        typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
 
 
@@ -101,12 +108,16 @@ def gc_command(
 ) -> None:
     """Remove old bundles, leftovers of interrupted runs and unused cached embeddings."""
     setup_logging()
-    with user_errors():
+    with user_errors(disk=bundles):
+        from indexer.core.bundle.inventory import current_problem
         from indexer.index.gc import prune, prune_cache
         from indexer.index.lock import exclusive_lock
 
         if keep < 1:
             raise ClipsearchError(f"--keep must be at least 1, got {keep}")
+        problem = current_problem(_existing(bundles))
+        if problem:  # which bundles are safe to delete depends on what CURRENT should name
+            raise ClipsearchError(f"not pruning: {problem}; run clipsearch index to publish a new one")
         with exclusive_lock(_existing(bundles), "bundles gc"):
             removed = prune(bundles, keep, dry_run=dry_run)
             caches = prune_cache(bundles, dry_run=dry_run) if cache else 0

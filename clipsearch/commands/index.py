@@ -49,6 +49,10 @@ def index_command(
     ] = 200_000,
     keep: Annotated[int, typer.Option(help="Keep this many newest bundles (0 keeps all).")] = 3,
     full: Annotated[bool, typer.Option("--full", help="Re-hash and re-embed everything.")] = False,
+    reset_ids: Annotated[
+        bool,
+        typer.Option("--reset-ids", help="Number items from 0 again (ids clients cached change meaning)."),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: cores - 1).")] = None,
@@ -62,11 +66,13 @@ def index_command(
         bool,
         typer.Option("--cpu-int8", help="CPU fast path: int8 dynamic quantisation (opt-in, see README)."),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging, and the traceback with an error.")
+    ] = False,
 ) -> None:
     """Embed images and texts with MODEL and publish a bundle under BUNDLES (incremental by default)."""
     setup_logging(verbose)
-    with user_errors():
+    with user_errors(verbose, disk=bundles):
         from indexer.data.sources import SourceSpec
         from indexer.data.workers import default_workers
         from indexer.index.build import IndexConfig
@@ -92,6 +98,7 @@ def index_command(
             device=device,
             keep=_positive("--keep", keep, 0),
             full=full,
+            reset_ids=reset_ids,
         )
         result = reindex(cfg)
     if json_out:

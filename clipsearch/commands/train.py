@@ -103,14 +103,16 @@ def train(
     log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl line every N steps.")] = 10,
     checkpoint_every: Annotated[float, typer.Option(help="Minutes between resumable checkpoints.")] = 5.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with samples/s and ETA.")] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging, and the traceback with an error.")
+    ] = False,
 ) -> None:
     """Train (or fine-tune) a dual encoder with a contrastive loss; writes RUN_DIR/model and curves."""
     from indexer.train import loop as training
     from indexer.train.config import ConfigError, load_run_config
 
     setup_logging(verbose)
-    with user_errors():
+    with user_errors(verbose):
         if resume is not None:
             cfg = load_run_config(resume)
             cfg = TrainConfig(**{**cfg.__dict__, "out": resume, "progress": progress})

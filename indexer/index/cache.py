@@ -22,6 +22,7 @@ import numpy as np
 
 from indexer.core.bundle.layout import WORK_DIR
 from indexer.core.errors import ClipsearchError
+from indexer.index.stages import reached
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class EmbeddingCache:
         data = [(kind, sha, np.ascontiguousarray(v, np.float32).tobytes(), w, h) for sha, v, w, h in rows]
         with self._conn:
             self._conn.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?)", data)
+            reached("cache-write", self.path.parent.parent)
 
     def sizes(self, kind: str, shas: Sequence[str]) -> dict[str, tuple[int | None, int | None]]:
         """(width, height) recorded with each vector, without reading the vectors."""

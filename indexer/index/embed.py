@@ -82,18 +82,19 @@ def embed_images(
     bar = tqdm(total=len(jobs), unit="img", desc="embedding images", file=sys.stderr, smoothing=0.1)
     records = [j.record for j in jobs]
     batches = decoded_batches(records, encoder.preprocess, cfg.batch_size, cfg.workers, cfg.max_pixels)
-    for n, batch in enumerate(batches, start=1):
-        if batch.pixels is not None:
-            vecs = encoder.encode_pixels(batch.pixels)
-            rows = [(jobs[d.pos].sha256, v, *d.size) for d, v in zip(batch.ok, vecs, strict=True)]  # type: ignore[misc]
-            cache.put("image", rows)
-            report.embedded += len(rows)
-        for d in batch.failed:
-            report.failures[jobs[d.pos].sha256] = d.error  # type: ignore[assignment]
-        bar.update(len(batch.ok) + len(batch.failed))
-        if n == 1:
-            reached("embedded-batch-1", work_dir)
-    bar.close()
+    with bar:  # closed (its line ended) before any error reaches the command line
+        for n, batch in enumerate(batches, start=1):
+            if batch.pixels is not None:
+                vecs = encoder.encode_pixels(batch.pixels)
+                rows = [(jobs[d.pos].sha256, v, *d.size) for d, v in zip(batch.ok, vecs, strict=True)]  # type: ignore[misc]
+                cache.put("image", rows)
+                report.embedded += len(rows)
+            for d in batch.failed:
+                report.failures[jobs[d.pos].sha256] = d.error  # type: ignore[assignment]
+            bar.update(len(batch.ok) + len(batch.failed))
+            if n == 1:
+                reached("embedded-batch-1", work_dir)
+            reached("embedded-batch", work_dir)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -103,10 +104,10 @@ def embed_texts(
 ) -> int:
     """Embed (sha256, text) pairs in batches, committing each; returns how many were embedded."""
     bar = tqdm(total=len(texts), unit="text", desc="embedding texts", file=sys.stderr, disable=not texts)
-    for i in range(0, len(texts), cfg.text_batch_size):
-        part = texts[i : i + cfg.text_batch_size]
-        vecs = encoder.encode_texts([t for _, t in part])
-        cache.put("text", [(sha, v, None, None) for (sha, _), v in zip(part, vecs, strict=True)])
-        bar.update(len(part))
-    bar.close()
+    with bar:
+        for i in range(0, len(texts), cfg.text_batch_size):
+            part = texts[i : i + cfg.text_batch_size]
+            vecs = encoder.encode_texts([t for _, t in part])
+            cache.put("text", [(sha, v, None, None) for (sha, _), v in zip(part, vecs, strict=True)])
+            bar.update(len(part))
     return len(texts)

@@ -111,6 +111,7 @@ def set_current(bundles_dir: Path, version: str) -> None:
     tmp = Path(bundles_dir) / f"{CURRENT}.tmp"
     tmp.write_text(version + "\n")
     _fsync_file(tmp)
+    reached("current-tmp", Path(bundles_dir) / WORK_DIR)
     os.replace(tmp, Path(bundles_dir) / CURRENT)
     _fsync_dir(Path(bundles_dir))
 
@@ -159,8 +160,10 @@ def _write_contents(tmp: Path, version: str, c: BundleContents) -> dict[str, Has
         if name != WEIGHTS_NAME:
             _copy_or_link(c.model_dir / name, model_out / name, c.link_model_from)
     known = {f"{MODEL_DIR}/{WEIGHTS_NAME}": _place_weights(c, model_out / WEIGHTS_NAME)}
+    reached("publish-model", tmp.parent / WORK_DIR)
     faiss.write_index(c.image_index, str(tmp / c.images.file))
     faiss.write_index(c.text_index, str(tmp / c.texts.file))
+    reached("publish-indexes", tmp.parent / WORK_DIR)
     write_items(tmp / ITEMS_DB, c.items)
     with open(tmp / SKIPPED, "w") as f:
         for row in c.skipped:

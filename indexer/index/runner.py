@@ -28,9 +28,11 @@ from indexer.index.build import IndexConfig, build_index, validate_factory
 from indexer.index.cache import MODEL_KEY_PREFIX, EmbeddingCache, FileState, FileStates
 from indexer.index.embed import EmbedConfig, ImageJob, apply_fast_path, embed_images, embed_texts
 from indexer.index.gc import prune
+from indexer.index.ids import save_ids
 from indexer.index.lock import exclusive_lock
 from indexer.index.publish import BundleContents, clean_temp, publish
 from indexer.index.scan import Previous, ScanResult, SourceImage, read_previous, scan
+from indexer.index.space import RunSpace, check_space, run_needs, tidy_after_failure
 from indexer.index.stages import reached
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class ReindexConfig:
     device: str = "auto"
     keep: int = 3  # bundles kept after publishing (CURRENT and leased ones are always kept)
     full: bool = False  # ignore file signatures and the embedding cache
+    reset_ids: bool = False  # number items from 0 again, on purpose (ids clients cached change meaning)
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,11 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
         removed = clean_temp(cfg.bundles_dir)
         if removed:
             log.info("removed leftovers of an interrupted run: %s", ", ".join(removed))
-        return _run(cfg, int(model_cfg["embed_dim"]), start)
+        try:
+            return _run(cfg, int(model_cfg["embed_dim"]), start)
+        except BaseException:
+            tidy_after_failure(cfg.bundles_dir)
+            raise
 
 
 def _run(cfg: ReindexConfig, dim: int, start: float) -> ReindexResult:
@@ -140,7 +147,7 @@ def _run(cfg: ReindexConfig, dim: int, start: float) -> ReindexResult:
         raise IndexingError(f"no images found in {cfg.source.source}")
     extra = read_texts_file(cfg.texts_file, cfg.source.caption_column) if cfg.texts_file else []
     texts = collect_texts(records, extra)
-    prev = read_previous(cfg.bundles_dir)
+    prev = read_previous(cfg.bundles_dir, cfg.reset_ids)
     states = FileStates(cfg.bundles_dir)
     try:
         scanned = scan(records, states, cfg.full)
@@ -168,19 +175,24 @@ def _embed_and_publish(
     work = cfg.bundles_dir / WORK_DIR
     encoder = LazyEncoder(cfg.model_dir, cfg.device, cfg.embed, cache.fingerprint)
     jobs = _image_jobs(scanned.images, cache)
-    report = embed_images(encoder.get(), jobs, cache, cfg.embed, work) if jobs else None
     text_shas = [(text_sha256(t), t) for t in texts]
     known_texts = cache.known("text", [s for s, _ in text_shas])
     missing_texts = {s: t for s, t in text_shas if s not in known_texts}
-    if missing_texts:
-        embed_texts(encoder.get(), list(missing_texts.items()), cache, cfg.embed)
+    space = _space(cfg, scanned, texts, prev, cache, len(jobs) + len(missing_texts))
+    with space.writing(cache.path, "writing the embedding cache"):
+        report = embed_images(encoder.get(), jobs, cache, cfg.embed, work) if jobs else None
+        if missing_texts:
+            embed_texts(encoder.get(), list(missing_texts.items()), cache, cfg.embed)
     reached("embedded", work)
     failures = dict(report.failures) if report else {}
     usable, skipped = _split(scanned, failures, cache)
     if not usable:
         raise IndexingError(_all_failed_message(skipped))
     contents, counts = _contents(cfg, usable, texts, prev, cache, encoder, skipped)
-    root = publish(cfg.bundles_dir, contents)
+    with space.writing(cfg.bundles_dir, "publishing the new bundle"):
+        # The id record first: it is never behind a bundle that shows its ids.
+        save_ids(cfg.bundles_dir, contents.items, (contents.stats or {})["next_id"])
+        root = publish(cfg.bundles_dir, contents)
     reached("published", work)
     pruned = tuple(prune(cfg.bundles_dir, cfg.keep)) if cfg.keep > 0 else ()
     embedded = report.embedded if report else 0
@@ -196,6 +208,19 @@ def _embed_and_publish(
         images_per_s=round(rate, 2),
         pruned=pruned,
     )
+
+
+def _space(
+    cfg: ReindexConfig, scanned: ScanResult, texts: list[str], prev: Previous, cache: EmbeddingCache, new: int
+) -> RunSpace:
+    """What the run will add to the bundles dir, checked against the free space before embedding."""
+    items = len(scanned.images) + len(texts)
+    text_bytes = sum(len(i.key) + sum(map(len, i.record.captions[:1])) for i in scanned.images)
+    exact = cfg.index.kind == "flat" or (cfg.index.kind == "auto" and items <= cfg.index.exact_max)
+    linked = prev.manifest is not None and prev.manifest.model.fingerprint == cache.fingerprint
+    model = None if linked else cfg.model_dir
+    needed = run_needs(cache.dim, new, items, text_bytes + sum(map(len, texts)), exact, model)
+    return check_space(cfg.bundles_dir, needed)
 
 
 def _image_jobs(images: list[SourceImage], cache: EmbeddingCache) -> list[ImageJob]:
@@ -291,6 +316,7 @@ def _contents(
     image_index, image_spec = build_index(
         lambda: cache.blocks("image", image_shas), np.asarray(image_ids, np.int64), cache.dim, cfg.index
     )
+    reached("built-images", cfg.bundles_dir / WORK_DIR)
     text_index, text_spec = build_index(
         lambda: cache.blocks("text", text_shas), np.asarray(text_ids, np.int64), cache.dim, cfg.index
     )

@@ -13,12 +13,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.core.bundle.items import ItemStore, Skipped
+from indexer.core.bundle.items import Item, ItemStore, Skipped
 from indexer.core.bundle.layout import CURRENT, ITEMS_DB
 from indexer.core.bundle.manifest import BundleError, BundleManifest, load_manifest
-from indexer.core.bundle.read import read_current
+from indexer.core.bundle.read import list_versions, open_bundle_dir, read_current
 from indexer.data.sources import Record
 from indexer.index.cache import FileState, FileStates
+from indexer.index.ids import IdState, IdStateError, high_water, ids_path, load_ids
+from indexer.index.stages import reached
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ class SourceImage:
 
 @dataclass
 class Previous:
-    """What the current bundle holds, to keep ids stable and count changes."""
+    """What the previous run left: the ids to keep stable (and count changes against), and the bundle to
+    reuse the model files of."""
 
     version: str | None = None
     manifest: BundleManifest | None = None
@@ -52,30 +55,69 @@ class Previous:
     next_id: int = 0
 
 
-def read_previous(bundles_dir: Path) -> Previous:
-    """The CURRENT bundle's ids, or an empty `Previous` when there is none (or it cannot be read)."""
+def read_previous(bundles_dir: Path, reset_ids: bool = False) -> Previous:
+    """The previous run's ids and bundle; never a silent restart of the ids from 0.
+
+    Ids come from the indexer's record (`.work/ids.sqlite`), else from the bundle CURRENT names, else
+    from the newest bundle that verifies; new ids start past every id any bundle here used. When none
+    of these exists but bundles or CURRENT do, `IdStateError`; `reset_ids` numbers items from 0 on purpose.
+    """
+    bundles_dir = Path(bundles_dir)
+    base = _base_bundle(bundles_dir)
+    prev = (
+        Previous()
+        if base is None
+        else Previous(version=base[0], manifest=base[1], root=bundles_dir / base[0])
+    )
+    if reset_ids:
+        log.warning("--reset-ids: item ids start again from 0; ids clients cached may now name other items")
+        return prev
+    state = load_ids(bundles_dir)
+    if state is None and base is not None:
+        state = IdState.from_items(base[2], int(base[1].stats.get("next_id", 0)))
+    if state is None and ((bundles_dir / CURRENT).exists() or list_versions(bundles_dir)):
+        raise IdStateError(
+            f"cannot tell which item ids {bundles_dir} already gave out: no bundle there can be read and "
+            f"{ids_path(bundles_dir)} is missing; restore a bundle, or rerun with --reset-ids to number "
+            "items from 0 (ids clients cached would then name other items)"
+        )
+    if state is not None:
+        prev.images, prev.texts = state.images, state.texts
+        prev.next_id = max(state.next_id, high_water(bundles_dir))
+    return prev
+
+
+def _base_bundle(bundles_dir: Path) -> tuple[str, BundleManifest, list[Item]] | None:
+    """(version, manifest, items) of the bundle CURRENT names, else of the newest bundle that verifies."""
+    refused = None
     try:
         version = read_current(bundles_dir)
-        root = Path(bundles_dir) / version
-        manifest = load_manifest(root)
-        store = ItemStore(root / ITEMS_DB)
-        try:
-            items = store.all()
-        finally:
-            store.close()
+        return version, *_read_bundle(bundles_dir / version)
     except (BundleError, sqlite3.DatabaseError, OSError) as e:
-        if (Path(bundles_dir) / CURRENT).exists():
-            log.warning("cannot read the current bundle (%s); item ids start afresh", e)
-        return Previous()
-    prev = Previous(version=version, manifest=manifest, root=root)
-    for item in items:
-        if item.kind == "image" and item.path is not None:
-            prev.images[item.path] = (item.id, item.sha256 or "")
-        elif item.text is not None:
-            prev.texts[item.text] = item.id
-    top = max((item.id for item in items), default=-1)
-    prev.next_id = max(top + 1, int(manifest.stats.get("next_id", 0)))
-    return prev
+        if not (bundles_dir / CURRENT).exists() and not list_versions(bundles_dir):
+            return None  # a first run
+        refused = str(e)
+    for version in reversed(list_versions(bundles_dir)):
+        try:
+            open_bundle_dir(bundles_dir / version).close()  # checksums, counts, dimensions
+            manifest, items = _read_bundle(bundles_dir / version)
+        except (BundleError, sqlite3.DatabaseError, OSError):
+            continue
+        log.warning(
+            "cannot use CURRENT (%s); continuing from %s, the newest bundle that verifies", refused, version
+        )
+        return version, manifest, items
+    log.warning("cannot use CURRENT (%s) and no bundle verifies", refused)
+    return None
+
+
+def _read_bundle(root: Path) -> tuple[BundleManifest, list[Item]]:
+    manifest = load_manifest(root)
+    store = ItemStore(root / ITEMS_DB)
+    try:
+        return manifest, store.all()
+    finally:
+        store.close()
 
 
 def _signature(record: Record) -> tuple[int, int, float]:
@@ -138,6 +180,7 @@ def _hash_all(
             continue
         out.append(_hashed(item, data))
         n += 1
+        reached("scan-hashed")
     for shard, items in by_shard.items():
         n += _hash_shard(shard, items, out, failed)
     return n

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from service.auth import require_api_key
 from service.deps import ServiceDep, mark_bundle, require_json
 from service.errors import ApiError
-from service.routes.images_form import MULTIPART_DOC, run_image
-from service.schemas import EmbedResponse, EmbedTextRequest
+from service.routes.images_form import EMBED_MULTIPART_DOC, run_image
+from service.schemas import EmbedResponse, EmbedTextRequest, blank
 from service.search import JobResult, TextJob
 
 router = APIRouter(prefix="/v1/embed", tags=["embed"], dependencies=[Depends(require_api_key)])
@@ -35,7 +35,7 @@ async def embed_text(body: EmbedTextRequest, request: Request, service: ServiceD
     if len(body.texts) > settings.max_embed_texts:
         raise ApiError(422, "too_many_texts", f"send at most {settings.max_embed_texts} texts per call")
     for i, text in enumerate(body.texts):
-        if not text.strip():
+        if blank(text):
             raise ApiError(422, "empty_query", f"texts[{i}] is empty")
         if len(text) > settings.max_query_chars:
             raise ApiError(
@@ -47,7 +47,7 @@ async def embed_text(body: EmbedTextRequest, request: Request, service: ServiceD
     return _response(request, result, start)
 
 
-@router.post("/image", openapi_extra={"requestBody": MULTIPART_DOC["requestBody"]})
+@router.post("/image", openapi_extra=EMBED_MULTIPART_DOC)
 async def embed_image(request: Request, service: ServiceDep) -> EmbedResponse:
     """Embed one uploaded image (multipart `file`)."""
     start = time.perf_counter()

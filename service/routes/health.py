@@ -8,7 +8,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.auth import require_api_key
 from service.deps import ServiceDep, mark_bundle
 from service.errors import not_ready
-from service.schemas import HealthResponse, IndexInfo, InfoResponse, ModelInfoResponse
+from service.schemas import (
+    FallbackInfo,
+    HealthResponse,
+    IndexInfo,
+    InfoResponse,
+    ModelInfoResponse,
+    ReadyResponse,
+)
+from service.state import ServiceState
 
 router = APIRouter(tags=["health"])
 
@@ -19,14 +27,20 @@ def healthz() -> HealthResponse:
     return HealthResponse(status="ok")
 
 
+def _fallback(state: ServiceState) -> FallbackInfo | None:
+    fb = state.fallback
+    return FallbackInfo(current=fb.current, reason=fb.reason) if fb is not None else None
+
+
 @router.get("/readyz")
-def readyz(request: Request, service: ServiceDep) -> HealthResponse:
-    """200 when a verified bundle is loaded, else 503 with the reason."""
+def readyz(request: Request, service: ServiceDep) -> ReadyResponse:
+    """200 when a verified bundle is loaded (with `fallback` set while it is not the one CURRENT names),
+    else 503 with the reason."""
     snap = service.state.current
     if snap is None:
         raise not_ready(service.state.last_error or "no bundle loaded", service.settings.retry_after_s)
     mark_bundle(request, snap.version)
-    return HealthResponse(status="ready", bundle=snap.version)
+    return ReadyResponse(status="ready", bundle=snap.version, fallback=_fallback(service.state))
 
 
 @router.get("/metrics", response_class=Response)
@@ -34,6 +48,7 @@ def metrics(service: ServiceDep) -> Response:
     """Prometheus text format."""
     for name, batcher in (("text", service.texts), ("image", service.images)):
         service.metrics.queue_depth.labels(name).set(batcher.depth)
+    service.metrics.fallback.set(1 if service.state.fallback is not None else 0)
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -72,4 +87,5 @@ def info(request: Request, service: ServiceDep) -> InfoResponse:
             max_query_chars=s.max_query_chars,
             max_body_bytes=s.max_body_bytes,
             loaded_at=snap.loaded_at,
+            fallback=_fallback(service.state),
         )

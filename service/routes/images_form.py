@@ -15,25 +15,19 @@ from service.schemas import SearchParams
 from service.search import ImageJob, JobResult, SearchSpec
 from service.uploads import decode_upload, form_value, read_form
 
-# The form fields of an image upload are `SearchParams`' fields, with their bounds from the same schema.
+# The form fields of an image search are `SearchParams`' fields, with their bounds from the same schema;
+# an image to embed is the `file` alone.
 _PARAMS = tuple(SearchParams.model_fields)
-MULTIPART_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "The image."},
-                        **SearchParams.model_json_schema()["properties"],
-                    },
-                }
-            }
-        },
-    }
-}
+_FILE = {"file": {"type": "string", "format": "binary", "description": "The image."}}
+
+
+def _multipart(properties: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "required": ["file"], "additionalProperties": False, "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+MULTIPART_DOC = _multipart({**_FILE, **SearchParams.model_json_schema()["properties"]})
+EMBED_MULTIPART_DOC = _multipart(_FILE)
 
 
 def parse_params(raw: dict[str, str]) -> SearchParams:
@@ -52,7 +46,7 @@ async def run_image(request: Request, service: Service, search: bool) -> JobResu
     encoder = snap.encoder
     form = await read_form(request)
     try:
-        extra = [k for k in form if k not in ("file", *_PARAMS)]
+        extra = [k for k in form if k != "file" and not (search and k in _PARAMS)]
         if extra:
             raise ApiError(422, "invalid_request", f"unknown form field(s): {', '.join(sorted(extra))}")
         spec: SearchSpec | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import mimetypes
+import os
 from pathlib import Path
 
 import anyio
@@ -21,6 +22,7 @@ from service.state import Snapshot
 router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(require_api_key)])
 
 _MAX_ID = 2**63 - 1
+_MTIME_SLACK_S = 1e-6  # the recorded mtime is the float os.stat gave the indexer; equal unless changed
 
 
 def _item(snap: Snapshot, item_id: int) -> Item:
@@ -40,8 +42,10 @@ def get_item(item_id: int, request: Request, service: ServiceDep) -> ItemRespons
         return ItemResponse(bundle=snap.version, image_url=url, **dataclasses.asdict(item))
 
 
-def _safe_file(snap: Snapshot, item: Item) -> Path:
-    """The item's file, resolved; refused when it (or a symlink on the way) leads outside the collection."""
+def _safe_file(snap: Snapshot, item: Item) -> tuple[Path, os.stat_result]:
+    """The item's file, resolved, and its stat; refused when it (or a symlink on the way) leads outside
+    the collection, or when its size or mtime differ from what the indexer recorded (the file was
+    replaced or edited since: what is there now is not what was indexed)."""
     if item.kind != "image" or not item.path:
         raise ApiError(404, "not_an_image", f"item {item.id} is a {item.kind}, it has no image")
     root = snap.collection_root
@@ -50,7 +54,16 @@ def _safe_file(snap: Snapshot, item: Item) -> Path:
         raise ApiError(403, "outside_collection", f"the file of item {item.id} lies outside the collection")
     if not resolved.is_file():
         raise ApiError(404, "image_missing", f"the file of item {item.id} is no longer on disk")
-    return resolved
+    st = resolved.stat()
+    moved = item.mtime is not None and abs(st.st_mtime - item.mtime) > _MTIME_SLACK_S
+    if (item.size is not None and st.st_size != item.size) or moved:
+        raise ApiError(
+            409,
+            "changed_on_disk",
+            f"the file of item {item.id} changed after it was indexed (size or modification time); "
+            "re-index to serve it",
+        )
+    return resolved, st
 
 
 @router.get("/{item_id}/image", response_class=FileResponse)
@@ -59,6 +72,7 @@ async def get_item_image(item_id: int, request: Request, service: ServiceDep) ->
     with service.state.lease() as snap:
         mark_bundle(request, snap.version)
         item = await anyio.to_thread.run_sync(_item, snap, item_id)
-        path = await anyio.to_thread.run_sync(_safe_file, snap, item)
+        path, st = await anyio.to_thread.run_sync(_safe_file, snap, item)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
+    headers = {"Cache-Control": "private, max-age=300"}
+    return FileResponse(path, media_type=media_type, headers=headers, stat_result=st)

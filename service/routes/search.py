@@ -10,7 +10,7 @@ from service.auth import require_api_key
 from service.deps import ServiceDep, mark_bundle, require_json, search_spec
 from service.errors import ApiError
 from service.routes.images_form import MULTIPART_DOC, run_image
-from service.schemas import SearchResponse, TextSearchRequest
+from service.schemas import SearchResponse, TextSearchRequest, blank
 from service.search import JobResult, TextJob
 
 router = APIRouter(prefix="/v1/search", tags=["search"], dependencies=[Depends(require_api_key)])
@@ -29,7 +29,7 @@ async def search_text(body: TextSearchRequest, request: Request, service: Servic
     """Text→image (`target` images) or text→text (`target` texts) search."""
     start = time.perf_counter()
     query = body.query.strip()
-    if not query:
+    if blank(query):
         raise ApiError(422, "empty_query", "query is empty")
     limit = service.settings.max_query_chars
     if len(body.query) > limit:

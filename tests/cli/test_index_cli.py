@@ -165,3 +165,30 @@ def test_gc_drops_unused_cache(tiny_model_dir, tmp_path, capsys):
 
     make_image(src / "img00.png", seed=0)  # the same picture again: its vector was pruned
     assert run_index(tiny_model_dir, src, bundles).embedded == 1
+
+
+@pytest.mark.parametrize(
+    ("current", "needle"),
+    [("20990101T000000000000Z-ffffff\n", "does not exist"), ("", "is empty"), (None, "is missing")],
+)
+def test_verify_and_list_report_a_broken_current(tiny_model_dir, tmp_path, capsys, current, needle):
+    """Every bundle verifies, but CURRENT names none of them: verify fails naming it, list warns."""
+    bundles = tmp_path / "b"
+    name = run_index(tiny_model_dir, make_folder(tmp_path / "p", 2), bundles).bundle
+    if current is None:
+        (bundles / "CURRENT").unlink()
+    else:
+        (bundles / "CURRENT").write_text(current)
+    capsys.readouterr()
+    rc, out, err = call(["bundles", "verify", "--bundles", str(bundles)], capsys)
+    assert rc == 1 and f"ok      {name}" in out and "FAILED  CURRENT" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0] and "CURRENT" in lines[0]
+    rc, out, _ = call(["bundles", "verify", "--bundles", str(bundles), "--version", name], capsys)
+    assert rc == 0, "asking for one bundle verifies that bundle only"
+    for extra in ([], ["--json"]):
+        rc, out, err = call(["bundles", "list", "--bundles", str(bundles), *extra], capsys)
+        assert rc == 0 and name in out
+        assert err.startswith("warning: ") and needle in err
+    rc, _, err = call(["bundles", "gc", "--bundles", str(bundles), "--keep", "1"], capsys)
+    assert rc == 1 and "not pruning" in err and (bundles / name).is_dir()

@@ -14,7 +14,7 @@ import pytest
 
 from indexer.core.bundle.layout import TMP_PREFIX
 from indexer.core.bundle.read import open_bundle, read_current
-from indexer.index.stages import PAUSE_ENV
+from indexer.index.stages import PAUSE_DIR_ENV, PAUSE_ENV
 from tests.conftest import REPO
 from tests.index.helpers import make_folder, make_image, run_index
 
@@ -25,9 +25,17 @@ NEW = 6  # images added after the baseline bundle; the killed run embeds them 2 
 
 def _start(model: Path, src: Path, bundles: Path, stage: str) -> subprocess.Popen[bytes]:
     args = ["index", "--model", str(model), "--images", str(src), "--bundles", str(bundles)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), PAUSE_ENV: stage}
+    env = {**os.environ, "PYTHONPATH": str(REPO), PAUSE_ENV: stage, PAUSE_DIR_ENV: str(bundles / ".work")}
     cmd = [sys.executable, "-m", "clipsearch", *args, "--batch-size", "2", "--workers", "1"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _ids(bundles: Path) -> dict[str, int]:
+    b = open_bundle(bundles)
+    try:
+        return {(it.path or it.text or ""): it.id for it in b.items.all()}
+    finally:
+        b.close()
 
 
 def _kill_at(proc: subprocess.Popen[bytes], marker: Path, timeout: float = 180) -> None:
@@ -44,10 +52,15 @@ def _kill_at(proc: subprocess.Popen[bytes], marker: Path, timeout: float = 180) 
 @pytest.mark.parametrize(
     ("stage", "expect_current_new", "expect_resumed"),
     [
+        ("scan-hashed#2", False, False),
         ("scanned", False, False),
+        ("cache-write#1", False, False),  # inside the first batch's transaction: nothing committed
         ("embedded-batch-1", False, True),
+        ("built-images", False, True),
+        ("publish-model", False, True),
         ("publish-written", False, True),
         ("publish-renamed", False, True),
+        ("current-tmp", False, True),
         ("published", True, True),
     ],
 )
@@ -57,11 +70,12 @@ def test_kill_9_leaves_current_loadable_and_next_run_resumes(
     src = make_folder(tmp_path / "photos", 3)
     bundles = tmp_path / "bundles"
     baseline = run_index(tiny_model_dir, src, bundles).bundle
+    before = _ids(bundles)
     for i in range(NEW):
         make_image(src / f"new{i}.png", seed=50 + i)
 
     proc = _start(tiny_model_dir, src, bundles, stage)
-    _kill_at(proc, bundles / ".work" / f"paused-{stage}")
+    _kill_at(proc, bundles / ".work" / f"paused-{stage.split('#')[0]}")
 
     if stage == "publish-written":
         assert list(bundles.glob(f"{TMP_PREFIX}*")), "the kill left a half-published temp dir behind"
@@ -78,4 +92,6 @@ def test_kill_9_leaves_current_loadable_and_next_run_resumes(
     else:
         assert res.embedded == NEW
     assert read_current(bundles) == res.bundle
-    open_bundle(bundles).close()
+    after = _ids(bundles)
+    assert {k: after[k] for k in before} == before, "no item changed its id"
+    assert len(set(after.values())) == len(after)

@@ -24,6 +24,7 @@ from indexer.core.encoder import Encoder
 from indexer.core.images import load_image
 from indexer.index.publish import BundleContents, publish
 from service.app import create_app
+from service.server import uvicorn_config
 from service.settings import ServiceSettings
 from tests.conftest import make_colour_dataset
 
@@ -64,6 +65,7 @@ def build_bundle(
             path=os.path.abspath(p),
             text=c,
             size=p.stat().st_size,
+            mtime=p.stat().st_mtime,
             width=im.width,
             height=im.height,
         )
@@ -130,12 +132,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Run `app` under a real uvicorn on a free loopback port in a thread; yields the base URL."""
+def serving(app: FastAPI, **overrides: object) -> Iterator[str]:
+    """Run `app` under a real uvicorn, configured as `clipsearch serve` does (deadlines, connection cap),
+    on a free loopback port in a thread; yields the base URL."""
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn_config(
+        app, app.state.settings, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **overrides
     )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -69,7 +69,15 @@ def test_api_key_protects_query_routes(locked: TestClient, method: str, path: st
     assert (
         locked.request(method, path, headers={"Authorization": f"Bearer {API_KEY}"}, **kw).status_code == 200
     )
-    assert locked.request(method, path, headers={"X-API-Key": API_KEY}, **kw).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/admin/reload", "/v1/search/text"])
+def test_bearer_is_the_only_way_to_send_a_key(locked: TestClient, path: str) -> None:
+    """The README documents one way for the page, the client and admin: `X-API-Key` is not another."""
+    for key in (ADMIN_KEY, API_KEY):
+        r = locked.post(path, headers={"X-API-Key": key}, json={"query": "red"})
+        assert code(r) == (401, "unauthorized") and "Authorization: Bearer" in r.json()["error"]["message"]
+        assert "X-API-Key is not accepted" in r.json()["error"]["message"]
 
 
 def test_image_routes_need_the_api_key(locked: TestClient) -> None:

@@ -42,6 +42,12 @@ def test_whitespace_query(client: TestClient) -> None:
     error(search(client, query=" \t\n "), 422, "empty_query")
 
 
+@pytest.mark.parametrize("query", ["\x00", "\x00\x00\x00", " \x00\t\u200b\ufeff "])
+def test_query_of_only_invisible_characters_is_empty(client: TestClient, query: str) -> None:
+    error(search(client, query=query), 422, "empty_query")
+    error(client.post("/v1/embed/text", json={"texts": ["ok", query]}), 422, "empty_query")
+
+
 def test_query_over_the_length_limit(client: TestClient) -> None:
     assert "1,000" in error(search(client, query="a" * 1001), 422, "query_too_long")
 
@@ -62,6 +68,18 @@ def test_k_outside_bounds(client: TestClient, k: int) -> None:
 
 def test_k_not_an_integer(client: TestClient) -> None:
     error(search(client, k="ten"), 422, "invalid_request")
+
+
+@pytest.mark.parametrize(("field", "value"), [("k", True), ("k", "3"), ("k", 3.0), ("offset", False)])
+def test_json_integers_are_strict(client: TestClient, field: str, value: object) -> None:
+    """`"k": true` is not k = 1: a JSON body's integers must be JSON integers."""
+    assert field in error(search(client, **{field: value}), 422, "invalid_request")
+
+
+def test_strict_json_still_takes_what_the_page_and_client_send(client: TestClient) -> None:
+    r = search(client, k=3, offset=1, min_score=0, target="texts")
+    assert r.status_code == 200, r.text
+    assert search(client, min_score=True).status_code == 422
 
 
 def test_negative_offset(client: TestClient) -> None:
@@ -173,6 +191,8 @@ def test_embed_bad_inputs(client: TestClient) -> None:
     error(client.post("/v1/embed/text", json={"texts": ["ok", " "]}), 422, "empty_query")
     error(client.post("/v1/embed/text", json={"texts": ["x"] * 65}), 422, "too_many_texts")
     error(client.post("/v1/embed/image", files={"file": ("n.png", b"nope")}), 400, "not_an_image")
+    r = client.post("/v1/embed/image", files={"file": ("r.png", helpers.png())}, data={"offset": "-1"})
+    assert "offset" in error(r, 422, "invalid_request"), "embedding takes no search options"
 
 
 LIMIT = 64 * 1024

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,28 @@ def test_item_image_refuses_a_symlink_leading_outside(client: TestClient) -> Non
     assert escape["path"].endswith("escape.png")
     r = client.get("/v1/items/8/image")
     assert r.status_code == 403 and r.json()["error"]["code"] == "outside_collection"
+
+
+def test_item_image_replaced_on_disk_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A file replaced in place after indexing (here by a text file) is not served as the item's image."""
+    from service.app import create_app
+    from tests.index.helpers import make_folder, run_index
+    from tests.service.conftest import settings_for
+
+    src = make_folder(tmp_path / "photos", 3, captions=False)
+    run_index(tiny_model_dir, src, tmp_path / "b")
+    with TestClient(create_app(settings_for(tmp_path / "b"))) as c:
+        ids = {Path(c.get(f"/v1/items/{i}").json()["path"]).name: i for i in range(3)}
+        assert c.get(f"/v1/items/{ids['img00.png']}/image").status_code == 200
+        (src / "img00.png").write_text("not an image any more")
+        r = c.get(f"/v1/items/{ids['img00.png']}/image")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "changed_on_disk", r.text
+        same_size = src / "img01.png"
+        st = same_size.stat()
+        os.utime(same_size, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # edited in place
+        assert c.get(f"/v1/items/{ids['img01.png']}/image").json()["error"]["code"] == "changed_on_disk"
+        ok = c.get(f"/v1/items/{ids['img02.png']}/image")
+        assert ok.status_code == 200 and ok.content == (src / "img02.png").read_bytes()
 
 
 def test_text_item_has_no_image(client: TestClient) -> None:

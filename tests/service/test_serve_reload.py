@@ -158,3 +158,58 @@ def test_loading_a_bundle_reads_the_weights_once(
         assert snap is not None and snap.encoder.info.fingerprint == model_fingerprint(snap.bundle.model_dir)
     finally:
         state.close()
+
+
+def _damage(bundle: Path) -> None:
+    with open(bundle / "images.faiss", "ab") as f:
+        f.write(b"\0")
+
+
+@pytest.mark.parametrize("current", ["damaged", "dangling", "empty"])
+def test_a_fresh_start_whose_current_is_refused_serves_the_newest_bundle_that_verifies(
+    tmp_path: Path, tiny_model_dir: Path, colour_csv: Path, small_csv: Path, caplog, current: str
+) -> None:
+    oldest = build_bundle(tmp_path, tiny_model_dir, small_csv).name
+    good = build_bundle(tmp_path, tiny_model_dir, colour_csv).name
+    bad = build_bundle(tmp_path, tiny_model_dir, small_csv)
+    _damage(bad)  # the newest bundle does not verify
+    names = {"damaged": bad.name, "dangling": "20990101T000000000000Z-ffffff", "empty": ""}
+    (tmp_path / "CURRENT").write_text(names[current] + "\n")
+    with (
+        caplog.at_level("ERROR", logger="service.state"),
+        TestClient(create_app(settings_for(tmp_path))) as c,
+    ):
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["bundle"] == good != oldest
+        fallback = ready.json()["fallback"]
+        assert fallback["current"] == (names[current] or None) and fallback["reason"]
+        assert c.get("/v1/info").json()["fallback"] == fallback
+        hits = c.post("/v1/search/text", json={"query": "red", "k": 100}).json()
+        assert hits["bundle"] == good and len(hits["results"]) == 8
+        metrics = c.get("/metrics").text
+        assert (
+            "clipsearch_serving_fallback 1.0" in metrics and "clipsearch_bundle_refusals_total 1.0" in metrics
+        )
+        said = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        assert f"serving {good} instead" in said and fallback["reason"] in said
+        if current == "damaged":
+            assert "images.faiss" in fallback["reason"]
+        fixed = build_bundle(tmp_path, tiny_model_dir, small_csv).name  # publishing again ends it
+        assert c.post("/v1/admin/reload", headers=ADMIN).json()["bundle"] == fixed
+        assert c.get("/readyz").json()["fallback"] is None
+        assert "clipsearch_serving_fallback 0.0" in c.get("/metrics").text
+
+
+def test_a_running_server_keeps_its_bundle_and_logs_the_refusal_at_error(
+    tmp_path: Path, tiny_model_dir: Path, colour_csv: Path, small_csv: Path, caplog
+) -> None:
+    first = build_bundle(tmp_path, tiny_model_dir, colour_csv).name
+    with TestClient(create_app(settings_for(tmp_path))) as c:
+        staged = build_bundle(tmp_path / "staging", tiny_model_dir, small_csv)
+        _damage(staged)
+        set_current(tmp_path, staged.rename(tmp_path / staged.name).name)
+        with caplog.at_level("ERROR", logger="service.state"):
+            assert c.post("/v1/admin/reload", headers=ADMIN).status_code == 409
+        (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert staged.name in record.getMessage() and "images.faiss" in record.getMessage()
+        assert c.get("/readyz").json() == {"status": "ready", "bundle": first, "fallback": None}

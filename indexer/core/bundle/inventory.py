@@ -9,7 +9,7 @@ from pathlib import Path
 from indexer.core.bundle.layout import CURRENT
 from indexer.core.bundle.leases import leased_versions
 from indexer.core.bundle.manifest import BundleError, BundleManifest, load_manifest
-from indexer.core.bundle.read import list_versions, open_bundle_dir
+from indexer.core.bundle.read import list_versions, open_bundle_dir, read_current
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,22 @@ def current_version(bundles_dir: Path) -> str | None:
         return (Path(bundles_dir) / CURRENT).read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def current_problem(bundles_dir: Path) -> str | None:
+    """What is wrong with CURRENT itself (missing while bundles exist, empty, naming no bundle dir), or
+    None. Whether the bundle it names verifies is `verify`'s question."""
+    bundles_dir = Path(bundles_dir)
+    if not (bundles_dir / CURRENT).exists():
+        n = len(list_versions(bundles_dir))
+        return f"{bundles_dir / CURRENT} is missing, although {n} bundle(s) exist" if n else None
+    try:
+        name = read_current(bundles_dir)
+    except BundleError as e:
+        return str(e)
+    if not (bundles_dir / name).is_dir():
+        return f"{bundles_dir / CURRENT} names {name}, which does not exist (dangling)"
+    return None
 
 
 def _dir_size(root: Path) -> int:

@@ -69,7 +69,9 @@ def read_current(bundles_dir: Path) -> str:
         name = current.read_text().strip()
     except FileNotFoundError as e:
         raise BundleError(f"no bundle published yet: {current} does not exist") from e
-    if not name or "/" in name or name.startswith("."):
+    if not name:
+        raise BundleError(f"{current} is empty")
+    if "/" in name or name.startswith("."):
         raise BundleError(f"{current} does not name a bundle: {name!r}")
     return name
 
