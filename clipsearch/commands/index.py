@@ -36,9 +36,18 @@ def _positive(name: str, value: int, minimum: int = 1) -> int:
 
 @app.command("index")
 def index_command(
-    model: Annotated[Path, typer.Option(help="Model dir (open_clip local-dir layout) to embed with.")],
+    model: Annotated[
+        str,
+        typer.Option(help="Model dir, open_clip architecture (with --pretrained) or hf-hub:ORG/NAME."),
+    ],
     images: Annotated[str, typer.Option(help="Folder, CSV/TSV/JSONL of image paths, or .tar shards.")],
     bundles: Annotated[Path, typer.Option(help="Bundles dir; a new bundle is published under it.")],
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="With an architecture: a tag from open_clip.list_pretrained(), a checkpoint or a model dir."
+        ),
+    ] = None,
     texts: Annotated[Path | None, typer.Option(help="Extra texts: one per line, or a CSV column.")] = None,
     index: Annotated[
         str, typer.Option(help="auto, flat, hnsw, ivfpq or a faiss index_factory string.")
@@ -67,14 +76,18 @@ def index_command(
     """Embed images and texts with MODEL and publish a bundle under BUNDLES (incremental by default)."""
     setup_logging(verbose)
     with user_errors():
+        from indexer.core.bundle.layout import WORK_DIR
+        from indexer.core.modelref import ModelReference, resolve_model_dir
         from indexer.data.sources import SourceSpec
         from indexer.data.workers import default_workers
         from indexer.index.build import IndexConfig
         from indexer.index.embed import EmbedConfig
-        from indexer.index.runner import ReindexConfig, reindex
+        from indexer.index.runner import IndexingError, ReindexConfig, reindex
 
+        if bundles.exists() and not bundles.is_dir():
+            raise IndexingError(f"--bundles {bundles} exists and is not a directory")
         cfg = ReindexConfig(
-            model_dir=model,
+            model_dir=resolve_model_dir(ModelReference(model, pretrained), bundles / WORK_DIR),
             source=SourceSpec(images, image_column=image_column, caption_column=caption_column),
             bundles_dir=bundles,
             texts_file=texts,
