@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clipsearch.commands.app import app, setup_logging, user_errors
 from indexer.core.errors import ClipsearchError
+
+if TYPE_CHECKING:
+    from indexer.index.runner import ReindexConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -71,6 +74,21 @@ def index_command(
         bool,
         typer.Option("--cpu-int8", help="CPU fast path: int8 dynamic quantisation (opt-in, see README)."),
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Keep running and follow the folder: each change is a delta version."),
+    ] = False,
+    poll: Annotated[
+        bool | None,
+        typer.Option(
+            "--poll/--no-poll",
+            help="With --watch: poll instead of file events (default: auto).",
+            show_default=False,
+        ),
+    ] = None,
+    settle: Annotated[
+        float, typer.Option(help="With --watch: seconds without a new change that end a batch.")
+    ] = 0.5,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Embed images and texts with MODEL and publish a bundle under BUNDLES (incremental by default)."""
@@ -106,6 +124,9 @@ def index_command(
             keep=_positive("--keep", keep, 0),
             full=full,
         )
+        if watch:
+            _watch(cfg, settle, poll, json_out)
+            return
         result = reindex(cfg)
     if json_out:
         typer.echo(json.dumps(result.summary()))
@@ -116,3 +137,26 @@ def index_command(
         f"{f' at {result.images_per_s:.1f} img/s' if result.embedded else ''}), {result.texts} texts, "
         f"{result.skipped} skipped, in {result.seconds:.1f} s"
     )
+
+
+def _watch(cfg: ReindexConfig, settle: float, poll: bool | None, json_out: bool) -> None:
+    """`--watch`: one line (or JSON object) per published version until Ctrl-C."""
+    from indexer.index.live import LiveResult
+    from indexer.index.watch import WatchConfig, watch
+
+    if settle <= 0:
+        raise BadOption(f"--settle must be more than 0 seconds, got {settle}")
+
+    def report(r: LiveResult) -> None:
+        if json_out:
+            typer.echo(json.dumps(r.summary()))
+            return
+        typer.echo(
+            f"published {r.bundle} ({r.kind}): {r.added} added, {r.updated} updated, {r.removed} removed; "
+            f"{r.images} images, {r.texts} texts, {r.skipped} skipped, in {r.seconds:.2f} s"
+        )
+
+    try:
+        watch(cfg, WatchConfig(settle_s=settle, poll=poll), on_publish=report)
+    except KeyboardInterrupt:
+        typer.echo("stopped watching", err=True)

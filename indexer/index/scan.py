@@ -9,14 +9,14 @@ import logging
 import os
 import sqlite3
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.core.bundle.items import ItemStore, Skipped
-from indexer.core.bundle.layout import CURRENT, ITEMS_DB
+from indexer.core.bundle.items import Skipped
+from indexer.core.bundle.layout import CURRENT
 from indexer.core.bundle.manifest import BundleError, BundleManifest, load_manifest
-from indexer.core.bundle.read import read_current
+from indexer.core.bundle.read import live_items, read_current
 from indexer.data.sources import Record
 from indexer.index.cache import FileState, FileStates
 
@@ -58,11 +58,7 @@ def read_previous(bundles_dir: Path) -> Previous:
         version = read_current(bundles_dir)
         root = Path(bundles_dir) / version
         manifest = load_manifest(root)
-        store = ItemStore(root / ITEMS_DB)
-        try:
-            items = store.all()
-        finally:
-            store.close()
+        items = live_items(root, manifest)  # base and delta segments folded
     except (BundleError, sqlite3.DatabaseError, OSError) as e:
         if (Path(bundles_dir) / CURRENT).exists():
             log.warning("cannot read the current bundle (%s); item ids start afresh", e)
@@ -91,9 +87,14 @@ class ScanResult:
     hashed: int  # files that had to be read because their signature changed
 
 
-def scan(records: Sequence[Record], states: FileStates, full: bool) -> ScanResult:
-    """Stat every record; hash those whose (size, mtime) differ from the last run (all of them if `full`)."""
-    known = {} if full else states.load()
+def scan(
+    records: Sequence[Record], states: FileStates, full: bool, known: Mapping[str, FileState] | None = None
+) -> ScanResult:
+    """Stat every record; hash those whose (size, mtime) differ from the last run (all of them if `full`).
+
+    `known`: the caller's rows of `states` for these records (a watcher's batch), instead of all of them.
+    """
+    known = {} if full else (known if known is not None else states.load())
     images: list[SourceImage] = []
     failed: list[Skipped] = []
     todo: list[tuple[Record, int, int, float]] = []
