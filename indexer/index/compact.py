@@ -38,9 +38,10 @@ def owned_in_segments(bundle: Bundle) -> int:
     return len(bundle.stack.owner)
 
 
-def needs_rebuild(bundle: Bundle, minimum: int = MIN_REBUILD, fraction: float = REBUILD_FRACTION) -> bool:
+def needs_rebuild(bundle: Bundle) -> bool:
+    """The segments own more than max(MIN_REBUILD, REBUILD_FRACTION of the base) ids."""
     base = int(bundle.image_index.ntotal + bundle.text_index.ntotal)
-    return owned_in_segments(bundle) > max(minimum, fraction * base)
+    return owned_in_segments(bundle) > max(MIN_REBUILD, REBUILD_FRACTION * base)
 
 
 def staging_root(bundles_dir: Path) -> Path:
