@@ -250,6 +250,7 @@ def watch(
         clean_temp(cfg.bundles_dir)
         shutil.rmtree(staging_root(cfg.bundles_dir), ignore_errors=True)
         live = first_pass(cfg, wcfg, on_publish)
+        live.encoder.get()  # loaded now, not when the first file arrives
         texts = str(cfg.texts_file.resolve()) if cfg.texts_file is not None else None
         rescans = 0
         try:
