@@ -222,7 +222,7 @@ def _walk_files(root: Path) -> dict[tuple[str, ...], str]:
                         todo.append(((*rel, entry.name), entry.path))
                     elif _is_file(entry):
                         files[(*rel, entry.name)] = entry.path
-        except PermissionError:
+        except (PermissionError, FileNotFoundError):  # unreadable, or removed while we walk
             continue
     return files
 

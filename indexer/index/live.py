@@ -179,14 +179,29 @@ class LiveIndexer:
 
     # --- the two ways in -------------------------------------------------------------------------
 
+    def _source_present(self) -> bool:
+        return Path(self.cfg.source.source).is_dir()
+
     def catch_up(self) -> LiveResult | None:
-        """A full scan of the source diffed against the served version (start, folder back, a restart)."""
+        """A full scan of the source diffed against the served version (start, folder back, a restart).
+
+        While the folder is missing nothing changes (it may be an unplugged drive): None, no version.
+        """
+        if not self._source_present():
+            return None
         records = read_records(self.cfg.source)
+        if not self._source_present():  # it went away while it was listed: the listing proves nothing
+            return None
         keys = {r.key for r in records} | set(self.state.images) | set(self.state.captions)
         return self._step(keys, records, complete=True, extra=self._extra())
 
     def apply(self, changes: FolderChanges, texts_changed: bool = False) -> LiveResult | None:
-        """A watcher's batch: the records it touches, and every known one below a folder that moved."""
+        """A watcher's batch: the records it touches, and every known one below a folder that moved.
+
+        Skipped (None) while the folder itself is missing: the scan when it is back decides.
+        """
+        if not self._source_present():
+            return None
         keys = changes.keys | self.state.keys_under(changes.prefixes)
         extra = self._extra() if texts_changed else None
         return self._step(keys, list(changes.records), complete=False, extra=extra)

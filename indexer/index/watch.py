@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import watchfiles
 from indexer.core.bundle.manifest import BundleError
 from indexer.core.bundle.read import Bundle, open_bundle_dir, read_current
 from indexer.core.encoder import resolve_device
+from indexer.core.errors import ClipsearchError
 from indexer.data.sources import folder_changes
 from indexer.index.cache import FileStates
 from indexer.index.compact import staging_root
@@ -252,17 +254,43 @@ def watch(
         live = first_pass(cfg, wcfg, on_publish)
         live.encoder.get()  # loaded now, not when the first file arrives
         texts = str(cfg.texts_file.resolve()) if cfg.texts_file is not None else None
+        retry = _Retry()
         rescans = 0
         try:
             for event in follow(root, wcfg, stop):
-                if isinstance(event, Rescan):
-                    rescans += 1
-                    if wcfg.catch_up or rescans > 1:
-                        live.catch_up()
-                elif isinstance(event, Batch):
-                    paths = set(event.paths)
-                    texts_changed = texts is not None and texts in paths
-                    live.apply(folder_changes(root, paths - {texts} if texts else paths), texts_changed)
-                live.collect_rebuild()
+                with retry.guard():
+                    if isinstance(event, Rescan):
+                        rescans += 1
+                        if wcfg.catch_up or rescans > 1:
+                            live.catch_up()
+                    elif isinstance(event, Batch):
+                        paths = set(event.paths)
+                        texts_changed = texts is not None and texts in paths
+                        live.apply(folder_changes(root, paths - {texts} if texts else paths), texts_changed)
+                    elif retry.due():
+                        retry.at = None
+                        live.catch_up()  # after a failed step: look at everything again
+                        retry.delay = 5.0
+                    live.collect_rebuild()
         finally:
             live.close()
+
+
+class _Retry:
+    """A step that fails (a file system error, a disk full while publishing) is logged, not fatal: the
+    watcher keeps running and rescans the folder after a back-off (5 s, doubling to 5 min)."""
+
+    def __init__(self) -> None:
+        self.delay = 5.0
+        self.at: float | None = None
+
+    def due(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        try:
+            yield
+        except (ClipsearchError, OSError) as e:
+            log.warning("a step failed (%s); rescanning in %.0f s", e, self.delay)
+            self.at, self.delay = time.monotonic() + self.delay, min(300.0, self.delay * 2)

@@ -43,12 +43,15 @@ class Watcher:
         try:
             watch(cfg, wcfg, self.stop, self.results.append)
         except BaseException as e:  # surfaced by `until`
+            import traceback
+
             self.error = e
+            self.trace = traceback.format_exc()
 
     def until(self, done: Callable[[], bool], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while not done():
-            assert self.error is None, f"the watcher died: {self.error!r}"
+            assert self.error is None, f"the watcher died: {self.trace}"
             assert time.monotonic() < deadline, f"timed out; published: {self.results}"
             time.sleep(0.05)
 
@@ -205,3 +208,25 @@ def test_kill_9_mid_delta_leaves_current_whole_and_the_next_start_catches_up(tin
         proc.wait(30)
     assert read_current(bundles) != before and not list(bundles.glob(f"{TMP_PREFIX}*"))
     assert open_bundle(bundles).count("images") == 4
+
+
+def test_a_failing_step_is_logged_and_retried_not_fatal(watching, tmp_path, monkeypatch):
+    import indexer.index.live as live_module
+
+    real, calls = live_module.publish_version, []
+
+    def full_disk_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(live_module, "publish_version", full_disk_once)
+    folder, bundles = make_folder(tmp_path / "photos", 2), tmp_path / "bundles"
+    w = watching(folder, bundles)
+    w.until(lambda: len(w.results) == 1)
+    time.sleep(0.5)
+    make_image(folder / "late.png", 4)
+    w.until(lambda: len(w.results) == 2, timeout=90)  # the rescan after the back-off publishes it
+    assert len(calls) == 2 and w.results[1].added == 1 and w.results[1].images == 3
+    assert open_bundle(bundles).count("images") == 3
