@@ -75,16 +75,23 @@ def model_dir(work: Path, model: str | None, pretrained: str | None) -> Path:
 
 def synthetic_bundle(work: Path, model: Path, n: int, index: str) -> Path:
     """A bundles dir whose one version holds `n` synthetic image vectors and 1,000 texts (kept per size)."""
+    import shutil
+
     import faiss
 
     from indexer.core.bundle.items import Item
     from indexer.core.bundle.manifest import IndexSpec
     from indexer.core.encoder import Encoder
     from indexer.index.build import IndexConfig, array_blocks, build_index
-    from indexer.index.publish import BundleContents, publish
+    from indexer.index.publish import BundleContents, publish, set_current
 
     bundles = work / f"bundles-{n}-{index}"
-    if (bundles / "CURRENT").is_file():
+    if (bundles / "base.txt").is_file():  # built by an earlier run: back to the bare base, nothing else
+        base = (bundles / "base.txt").read_text().strip()
+        for p in bundles.iterdir():
+            if p.is_dir() and p.name not in (base, ".work"):
+                shutil.rmtree(p)
+        set_current(bundles, base)
         return bundles
     info = Encoder.from_dir(model, "cpu").info
     rng = np.random.default_rng(0)
@@ -108,7 +115,7 @@ def synthetic_bundle(work: Path, model: Path, n: int, index: str) -> Path:
         texts=IndexSpec(**{**text_spec.model_dump(), "file": "texts.faiss"}),
         stats={"next_id": n + 1000, "numerics": "default", "source": "synthetic"},
     )  # fmt: skip
-    publish(bundles, contents)
+    (bundles / "base.txt").write_text(publish(bundles, contents).name)
     return bundles
 
 
@@ -119,8 +126,8 @@ def run_watcher(args: argparse.Namespace) -> None:
     """`--role watcher`: the watcher as `--watch` runs it, one JSON line per publish on stdout."""
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("root").setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s: %(message)s")  # open_clip: quiet
+    logging.getLogger("indexer").setLevel(logging.INFO)
     from indexer.data.sources import SourceSpec
     from indexer.index.embed import EmbedConfig
     from indexer.index.live import LiveResult
@@ -260,7 +267,11 @@ def run_size(args: argparse.Namespace, work: Path, model: Path, n: int) -> dict[
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
-    time.sleep(args.warmup)  # the watcher verifies the base once and loads the model
+    deadline = time.monotonic() + args.warmup
+    while "watching " not in (work / f"watcher-{n}.log").read_text():  # base verified, model loaded
+        assert watcher.poll() is None, (work / f"watcher-{n}.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "the watcher did not start"
+        time.sleep(0.2)
     load = Load(url, args.qps)
     load.thread.start()
     try:
@@ -297,7 +308,7 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--settle", type=float, default=0.5, help="the watcher's --settle")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds between a file found and the next drop")
-    ap.add_argument("--warmup", type=float, default=10.0, help="seconds the watcher gets to start")
+    ap.add_argument("--warmup", type=float, default=600.0, help="seconds the watcher may take to start")
     ap.add_argument("--timeout", type=float, default=120.0, help="give up on a file after this long")
     ap.add_argument("--reload-repeats", type=int, default=5)
     ap.add_argument("--workdir", default="bench-live")

@@ -104,6 +104,8 @@ def index_command(
 
         if bundles.exists() and not bundles.is_dir():
             raise IndexingError(f"--bundles {bundles} exists and is not a directory")
+        if watch and settle <= 0:
+            raise BadOption(f"--settle must be more than 0 seconds, got {settle}")
         cfg = ReindexConfig(
             model_dir=resolve_model_dir(ModelReference(model, pretrained), bundles / WORK_DIR),
             source=SourceSpec(images, image_column=image_column, caption_column=caption_column),
@@ -143,9 +145,6 @@ def _watch(cfg: ReindexConfig, settle: float, poll: bool | None, json_out: bool)
     """`--watch`: one line (or JSON object) per published version until Ctrl-C."""
     from indexer.index.live import LiveResult
     from indexer.index.watch import WatchConfig, watch
-
-    if settle <= 0:
-        raise BadOption(f"--settle must be more than 0 seconds, got {settle}")
 
     def report(r: LiveResult) -> None:
         if json_out:

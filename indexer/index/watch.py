@@ -131,7 +131,6 @@ def follow(root: Path, cfg: WatchConfig, stop: threading.Event) -> Iterator[Batc
     None on idle ticks (a few times a second) so the caller can do its housekeeping."""
     root = root.resolve()
     poll = should_poll(root, cfg.poll)
-    log.info("watching %s (%s)", root, "polling" if poll else "file-system events")
     tick_ms = max(20, int(min(cfg.settle_s, 0.25) * 1000))
     while not stop.is_set():
         ident = _identity(root)
@@ -163,6 +162,7 @@ def follow(root: Path, cfg: WatchConfig, stop: threading.Event) -> Iterator[Batc
                     break
                 if not started:  # the watch is live from here: rescan, and nothing made meanwhile is lost
                     started = True
+                    log.info("watching %s (%s)", root, "polling" if poll else "file-system events")
                     yield Rescan()
                 if changes:
                     pending |= {path for _, path in changes}

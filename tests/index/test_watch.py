@@ -158,6 +158,11 @@ def test_one_writer_and_folders_only(watching, tiny_model_dir, tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         f"error: --watch follows a folder; --images {csv} is not one"
     )
+    args = ["index", "--watch", "--settle", "0", "--model", str(tiny_model_dir), "--images", str(folder)]
+    proc = run_cli([*args, "--bundles", str(tmp_path / "b")])
+    assert (
+        proc.returncode == 1 and proc.stderr.strip() == "error: --settle must be more than 0 seconds, got 0.0"
+    )
 
 
 def _start_cli(model: Path, folder: Path, bundles: Path, pause: str | None = None) -> subprocess.Popen[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -31,6 +31,7 @@ class Bundle:
     manifest: BundleManifest
     stack: LayerStack
     items: LayeredItems
+    _closed: bool = field(default=False, init=False, repr=False)
 
     @property
     def version(self) -> str:
@@ -73,8 +74,11 @@ class Bundle:
         return self.stack.folder()
 
     def close(self) -> None:
-        for layer in self.layers:
-            layer.release()
+        """Let go of the layers (each is closed when no open version holds it any more); idempotent."""
+        if not self._closed:
+            self._closed = True
+            for layer in self.layers:
+                layer.release()
 
 
 def _search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
