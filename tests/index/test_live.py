@@ -175,3 +175,16 @@ def test_past_the_threshold_the_base_is_rebuilt_in_the_background(tiny_model_dir
     b = open_bundle(bundles)
     assert b.image_index.ntotal == 6, "the rebuilt base holds what the version held when it began"
     b.close()
+
+
+def test_gc_keeps_the_vectors_of_delta_items(tiny_model_dir, tmp_path):
+    from indexer.index.gc import prune_cache
+
+    folder, bundles = make_folder(tmp_path / "photos", 2), tmp_path / "bundles"
+    run_index(tiny_model_dir, folder, bundles)
+    live = live_indexer(tiny_model_dir, folder, bundles)
+    make_image(folder / "delta-only.png", 21)
+    live.apply(folder_changes(folder, [folder / "delta-only.png"]))
+    live.close()
+    prune_cache(bundles)
+    assert run_index(tiny_model_dir, folder, bundles).embedded == 0, "the delta's vector was kept"
