@@ -20,6 +20,7 @@ import numpy as np
 
 from indexer.core.bundle.items import Item, write_items
 from indexer.core.bundle.layout import IMAGES_INDEX, ITEMS_DB, TEXTS_INDEX, WORK_DIR
+from indexer.core.bundle.manifest import IndexSpec
 from indexer.core.bundle.read import Bundle
 from indexer.core.hashing import hash_file
 from indexer.index.build import IndexConfig, build_index
@@ -76,7 +77,7 @@ def build_base(bundles_dir: Path, bundle: Bundle, cache: EmbeddingCache, cfg: In
 
 def _index_of(
     cache: EmbeddingCache, items: list[Item], kind: str, dim: int, cfg: IndexConfig
-) -> tuple[faiss.Index, object]:
+) -> tuple[faiss.Index, IndexSpec]:
     shas = [it.sha256 or "" for it in items]
     ids = np.asarray([it.id for it in items], np.int64)
     return build_index(lambda: cache.blocks(kind, shas), ids, dim, cfg)

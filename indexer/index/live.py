@@ -65,7 +65,9 @@ class LiveState:
     def of(cls, bundle: Bundle, extra: Sequence[str]) -> LiveState:
         """From the version alone, which records only each image's first caption: exact once a full scan
         (`LiveIndexer.catch_up`) has run; until then texts are only ever added."""
-        images, texts, captions = {}, {}, {}
+        images: dict[str, LiveImage] = {}
+        texts: dict[str, int] = {}
+        captions: dict[str, tuple[str, ...]] = {}
         for it in bundle.items.all():
             if it.kind == "image" and it.path is not None:
                 images[it.path] = LiveImage(it.id, it.sha256 or "", it.text, it.mtime)

@@ -96,7 +96,8 @@ def merged(layers: Sequence[Layer], last: SegmentContents | None, dim: int) -> S
             row = layer.rows.get(i)
             rows[i] = row
             if row is not None:
-                vectors[i] = layer.index("images" if row.kind == "image" else "texts").reconstruct(i)
+                index = layer.index("images" if row.kind == "image" else "texts")
+                vectors[i] = np.asarray(index.reconstruct(i), np.float32)
     if last is not None:
         for i in last.owned:
             rows[i] = None
