@@ -169,3 +169,15 @@ def test_more_than_eight_segments_are_merged_into_one(tiny_model_dir, tmp_path):
     assert served.items.all() == sorted(ref.rows.values(), key=lambda r: r.id)
     served.close()
     bundle.close()
+
+
+def test_a_segment_the_manifest_has_no_checksum_for_is_never_read(versions):
+    bundles, _ = versions
+    bundle = open_bundle(bundles)
+    manifest = load_manifest(bundle.root)
+    rel = f"segments/{manifest.segments[1].name}/images.faiss"
+    files = {k: v for k, v in manifest.files.items() if k != rel}
+    (bundle.root / "manifest.json").write_text(manifest.model_copy(update={"files": files}).to_json())
+    with pytest.raises(BundleError, match=f"{rel} is not listed in the manifest's files"):
+        open_bundle_dir(bundle.root)
+    bundle.close()

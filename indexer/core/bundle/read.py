@@ -145,8 +145,11 @@ def _layer_files(manifest: BundleManifest) -> list[tuple[str, tuple[str, ...]]]:
     return [base, *((seg.name, segment_files(seg.name)) for seg in manifest.segments)]
 
 
-def _layer_key(manifest: BundleManifest, rels: tuple[str, ...], base: bool) -> str:
-    shas = [manifest.files[r].sha256 if r in manifest.files else "?" for r in rels]
+def _layer_key(root: Path, manifest: BundleManifest, rels: tuple[str, ...], base: bool) -> str:
+    unlisted = [r for r in rels if r not in manifest.files]
+    if unlisted:  # a file the manifest has no checksum for is never read
+        raise BundleError(f"{root.name}: {unlisted[0]} is not listed in the manifest's files")
+    shas = [manifest.files[r].sha256 for r in rels]
     if base:  # search-time params are applied to the index objects, so they are part of what is shared
         shas.append(json.dumps([manifest.images.params, manifest.texts.params], sort_keys=True))
     return ":".join(shas)
@@ -253,7 +256,10 @@ def open_bundle_dir(
         raise BundleError(f"bundle {root} does not exist")
     manifest = load_manifest(root)
     held = {layer.key: layer for layer in reuse.layers} if reuse is not None else {}
-    plan = [(name, rels, _layer_key(manifest, rels, name == "base")) for name, rels in _layer_files(manifest)]
+    plan = [
+        (name, rels, _layer_key(root, manifest, rels, name == "base"))
+        for name, rels in _layer_files(manifest)
+    ]
     trusted = {rel for name, rels, key in plan if key in held for rel in rels}
     weights = f"{MODEL_DIR}/{WEIGHTS_NAME}"
     if reuse is not None and reuse.manifest.files.get(weights) == manifest.files.get(weights):
