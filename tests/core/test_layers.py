@@ -57,6 +57,14 @@ def _delta(rng, ref: Reference, next_id: int, replace=(), delete=(), add_images=
     return SegmentContents(owned, rows, _unit(rng, len(rows)))
 
 
+def _published(bundles, bundle, ref: Reference, delta: SegmentContents):
+    """`delta` published on top of `bundle` (closed) and applied to `ref`; the new version, open."""
+    ref.apply(delta)
+    new = publish_version(bundles, bundle, delta=delta)
+    bundle.close()
+    return new
+
+
 @pytest.fixture
 def versions(tiny_model_dir, tmp_path):
     """A base of 20 images and 10 texts, then three deltas replacing, deleting and adding items."""
@@ -71,12 +79,8 @@ def versions(tiny_model_dir, tmp_path):
     ]
     next_id = 30
     for step in steps:
-        delta = _delta(rng, ref, next_id, **step)
+        bundle = _published(tmp_path, bundle, ref, _delta(rng, ref, next_id, **step))
         next_id += step.get("add_images", 0) + step.get("add_texts", 0)
-        ref.apply(delta)
-        new = publish_version(tmp_path, bundle, delta=delta)
-        bundle.close()
-        bundle = new
     bundle.close()
     return tmp_path, ref
 
@@ -157,12 +161,8 @@ def test_more_than_eight_segments_are_merged_into_one(tiny_model_dir, tmp_path):
     bundle = open_bundle_dir(root, mmap=True)
     ref = Reference(bundle)
     for n in range(10):
-        delta = _delta(rng, ref, 100 + n, replace=[n % 4], add_images=1)
-        ref.apply(delta)
-        new = publish_version(tmp_path, bundle, delta=delta)
-        bundle.close()
-        bundle = new
-    assert [len(s.name) for s in bundle.manifest.segments] and len(bundle.manifest.segments) == 2
+        bundle = _published(tmp_path, bundle, ref, _delta(rng, ref, 100 + n, replace=[n % 4], add_images=1))
+    assert len(bundle.manifest.segments) == 2, "the ninth delta merged all nine into one"
     served = open_bundle(tmp_path)
     q = _unit(rng, 4)
     np.testing.assert_array_equal(served.search("images", q, 20)[1], ref.search("image", q, 20))
