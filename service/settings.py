@@ -61,7 +61,7 @@ class ServiceSettings(BaseSettings):
         default=1, ge=1, description="Batches encoded at once; >1 with threads=1 suits busy CPU-only hosts."
     )
     queue_size: int = Field(default=256, ge=1, description="Queries waiting per encoder queue before 503.")
-    reload_poll_s: float = Field(default=2.0, ge=0, description="How often CURRENT is checked; 0 = never.")
+    reload_poll_s: float = Field(default=0.5, ge=0, description="How often CURRENT is checked; 0 = never.")
     reload_retry_s: float = Field(
         default=30.0, ge=0, description="How soon a bundle that failed to load is retried."
     )

@@ -7,7 +7,6 @@ bundles; a snapshot replaced by a reload is closed only when the last request ho
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,10 +66,8 @@ def collection_root(bundle: Bundle) -> Path | None:
     declared = bundle.manifest.stats.get("collection_root")
     if isinstance(declared, str) and declared:
         return Path(declared).resolve()
-    parents = {os.path.dirname(os.path.abspath(p)) for p in bundle.items.image_paths()}
-    if not parents:
-        return None
-    return Path(os.path.commonpath(sorted(parents))).resolve()
+    folder = bundle.image_folder()  # computed once per layer, so a delta reload costs only the delta
+    return Path(folder).resolve() if folder is not None else None
 
 
 class ServiceState:
@@ -187,7 +184,11 @@ class ServiceState:
         return None
 
     def _open(self, name: str, current: Snapshot | None) -> Snapshot:
-        bundle = open_bundle_dir(self.bundles_dir / name, checksums=self.settings.verify_checksums)
+        # Layers (and weights) the current snapshot holds are reused by checksum: only what is new is read.
+        reuse = current.bundle if current is not None else None
+        bundle = open_bundle_dir(
+            self.bundles_dir / name, checksums=self.settings.verify_checksums, reuse=reuse
+        )
         try:
             fingerprint = bundle.manifest.model.fingerprint
             if current is not None and current.encoder.info.fingerprint == fingerprint:

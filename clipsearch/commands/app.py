@@ -119,3 +119,5 @@ def setup_logging(verbose: bool = False) -> None:
             return
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        # Without a network the Hub client logs every retry of a download; the one error line says it all.
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clipsearch.commands.app import app, setup_logging, user_errors
 from indexer.core.errors import ClipsearchError
+
+if TYPE_CHECKING:
+    from indexer.index.runner import ReindexConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -36,9 +39,18 @@ def _positive(name: str, value: int, minimum: int = 1) -> int:
 
 @app.command("index")
 def index_command(
-    model: Annotated[Path, typer.Option(help="Model dir (open_clip local-dir layout) to embed with.")],
+    model: Annotated[
+        str,
+        typer.Option(help="Model dir, open_clip architecture (with --pretrained) or hf-hub:ORG/NAME."),
+    ],
     images: Annotated[str, typer.Option(help="Folder, CSV/TSV/JSONL of image paths, or .tar shards.")],
     bundles: Annotated[Path, typer.Option(help="Bundles dir; a new bundle is published under it.")],
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="With an architecture: a tag from open_clip.list_pretrained(), a checkpoint or a model dir."
+        ),
+    ] = None,
     texts: Annotated[Path | None, typer.Option(help="Extra texts: one per line, or a CSV column.")] = None,
     index: Annotated[
         str, typer.Option(help="auto, flat, hnsw, ivfpq or a faiss index_factory string.")
@@ -66,6 +78,21 @@ def index_command(
         bool,
         typer.Option("--cpu-int8", help="CPU fast path: int8 dynamic quantisation (opt-in, see README)."),
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Keep running and follow the folder: each change is a delta version."),
+    ] = False,
+    poll: Annotated[
+        bool | None,
+        typer.Option(
+            "--poll/--no-poll",
+            help="With --watch: poll instead of file events (default: auto).",
+            show_default=False,
+        ),
+    ] = None,
+    settle: Annotated[
+        float, typer.Option(help="With --watch: seconds without a new change that end a batch.")
+    ] = 0.5,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug logging, and the traceback with an error.")
     ] = False,
@@ -73,14 +100,20 @@ def index_command(
     """Embed images and texts with MODEL and publish a bundle under BUNDLES (incremental by default)."""
     setup_logging(verbose)
     with user_errors(verbose, disk=bundles):
+        from indexer.core.bundle.layout import WORK_DIR
+        from indexer.core.modelref import ModelReference, resolve_model_dir
         from indexer.data.sources import SourceSpec
         from indexer.data.workers import default_workers
         from indexer.index.build import IndexConfig
         from indexer.index.embed import EmbedConfig
-        from indexer.index.runner import ReindexConfig, reindex
+        from indexer.index.runner import IndexingError, ReindexConfig, reindex
 
+        if bundles.exists() and not bundles.is_dir():
+            raise IndexingError(f"--bundles {bundles} exists and is not a directory")
+        if watch and settle <= 0:
+            raise BadOption(f"--settle must be more than 0 seconds, got {settle}")
         cfg = ReindexConfig(
-            model_dir=model,
+            model_dir=resolve_model_dir(ModelReference(model, pretrained), bundles / WORK_DIR),
             source=SourceSpec(images, image_column=image_column, caption_column=caption_column),
             bundles_dir=bundles,
             texts_file=texts,
@@ -100,6 +133,9 @@ def index_command(
             full=full,
             reset_ids=reset_ids,
         )
+        if watch:
+            _watch(cfg, settle, poll, json_out)
+            return
         result = reindex(cfg)
     if json_out:
         typer.echo(json.dumps(result.summary()))
@@ -110,3 +146,23 @@ def index_command(
         f"{f' at {result.images_per_s:.1f} img/s' if result.embedded else ''}), {result.texts} texts, "
         f"{result.skipped} skipped, in {result.seconds:.1f} s"
     )
+
+
+def _watch(cfg: ReindexConfig, settle: float, poll: bool | None, json_out: bool) -> None:
+    """`--watch`: one line (or JSON object) per published version until Ctrl-C."""
+    from indexer.index.live import LiveResult
+    from indexer.index.watch import WatchConfig, watch
+
+    def report(r: LiveResult) -> None:
+        if json_out:
+            typer.echo(json.dumps(r.summary()))
+            return
+        typer.echo(
+            f"published {r.bundle} ({r.kind}): {r.added} added, {r.updated} updated, {r.removed} removed; "
+            f"{r.images} images, {r.texts} texts, {r.skipped} skipped, in {r.seconds:.2f} s"
+        )
+
+    try:
+        watch(cfg, WatchConfig(settle_s=settle, poll=poll), on_publish=report)
+    except KeyboardInterrupt:
+        typer.echo("stopped watching", err=True)

@@ -53,12 +53,17 @@ def require_model_dir(path: Path, what: str = "") -> None:
 
 
 def save_model_dir(
-    model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path, tokenizer: Any = None
+    model: torch.nn.Module,
+    model_cfg: dict[str, Any],
+    out_dir: Path,
+    tokenizer: Any = None,
+    name: str | None = None,
 ) -> Path:
     """Write the model dir (config JSON + safetensors), atomically per file.
 
     `tokenizer`: the model's open_clip tokenizer when the caller has it loaded (a Hugging Face tower's is
-    saved from it instead of being loaded again from the config's path).
+    saved from it instead of being loaded again from the config's path). `name` is recorded as the
+    config's `name` (what `/v1/info` shows); open_clip ignores the key.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = _save_hf_side_files(model, model_cfg, out_dir, tokenizer)
@@ -67,6 +72,8 @@ def save_model_dir(
     save_file(state, str(tmp_weights))
     tmp_cfg = out_dir / f".{CONFIG_NAME}.tmp"
     save_config_for_hf(model, tmp_cfg, model_cfg)
+    if name is not None:
+        tmp_cfg.write_text(json.dumps({"name": name, **json.loads(tmp_cfg.read_text())}, indent=2))
     for tmp, final in ((tmp_weights, WEIGHTS_NAME), (tmp_cfg, CONFIG_NAME)):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -121,12 +128,17 @@ def _save_hf_side_files(
     names, so the dir stands on its own (`model_dir_kwargs` follows it when it moves)."""
     text_cfg = model_cfg.get("text_cfg", {})
     text: Any = getattr(model, "text", None)
+    hf_tokenizer: Any = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps the HF one
+    if "hf_model_name" not in text_cfg and text_cfg.get("hf_tokenizer_name") and hf_tokenizer is not None:
+        # An open_clip text tower with a Hugging Face tokenizer (SigLIP): open_clip reads a model dir's
+        # tokenizer from the dir itself, so it goes there and the dir loads offline.
+        hf_tokenizer.save_pretrained(str(out_dir))
+        return {**model_cfg, "text_cfg": {**text_cfg, "hf_tokenizer_name": str(out_dir.resolve())}}
     if "hf_model_name" not in text_cfg or text is None or not hasattr(text, "config"):
         return model_cfg
     from transformers import AutoTokenizer
 
     text.config.save_pretrained(str(out_dir))
-    hf_tokenizer: Any = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps the HF one
     if hf_tokenizer is not None and hasattr(hf_tokenizer, "save_pretrained"):
         hf_tokenizer.save_pretrained(str(out_dir))
     else:

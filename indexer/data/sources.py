@@ -11,7 +11,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,7 +222,7 @@ def _walk_files(root: Path) -> dict[tuple[str, ...], str]:
                         todo.append(((*rel, entry.name), entry.path))
                     elif _is_file(entry):
                         files[(*rel, entry.name)] = entry.path
-        except PermissionError:
+        except (PermissionError, FileNotFoundError):  # unreadable, or removed while we walk
             continue
     return files
 
@@ -247,6 +247,64 @@ def iter_folder(root: Path) -> Iterator[Record]:
         caption = files.get((*rel[:-1], stem + ".txt"))
         captions = _read_caption_file(Path(caption)) if caption is not None else ()
         yield Record(key=files[rel], captions=captions, path=Path(files[rel]))
+
+
+@dataclass(frozen=True)
+class FolderChanges:
+    """What a set of changed paths below a folder means for its records (a watcher's batch).
+
+    `keys`: the record keys to look at again; `records`: those of them that are images now (captions
+    read as `iter_folder` reads them); `prefixes`: folders that changed as a whole (moved, deleted), whose
+    previously known records must be looked at again too.
+    """
+
+    keys: set[str]
+    records: list[Record]
+    prefixes: set[str]
+
+
+def folder_changes(root: Path, paths: Iterable[str | Path]) -> FolderChanges:
+    """The records `iter_folder(root)` would now give for the images that `paths` (changed files or
+    folders below `root`) touch: the file itself, the image of a caption `.txt`, everything below a
+    folder. Keys are spelled as `iter_folder` spells them; hidden names are ignored like there."""
+    base = str(root.resolve())
+    keys: set[str] = set()
+    prefixes: set[str] = set()
+    for raw in paths:
+        path = os.path.abspath(str(raw))
+        rel = os.path.relpath(path, base)
+        parts = rel.split(os.sep)
+        if rel == "." or parts[0] == ".." or any(p.startswith(".") for p in parts):
+            continue
+        key = os.path.join(base, *parts)
+        if os.path.isdir(key) and not os.path.islink(key):
+            keys.update(os.path.join(key, *r) for r in _walk_files(Path(key)))
+            prefixes.add(key)
+            continue
+        stem, ext = os.path.splitext(key)
+        if ext.lower() == ".txt":
+            keys.update(_same_stem_images(stem))
+        elif not os.path.exists(key):
+            prefixes.add(key)  # it may have been a folder
+        keys.add(key)
+    keys = {k for k in keys if os.path.splitext(k)[1].lower() in IMAGE_EXTENSIONS}
+    records = [_folder_record(k) for k in sorted(keys) if os.path.isfile(k)]
+    return FolderChanges(keys, records, prefixes)
+
+
+def _same_stem_images(stem: str) -> list[str]:
+    folder, name = os.path.split(stem)
+    try:
+        with os.scandir(folder) as entries:
+            return [e.path for e in entries if os.path.splitext(e.name)[0] == name]
+    except OSError:
+        return []
+
+
+def _folder_record(key: str) -> Record:
+    caption = os.path.splitext(key)[0] + ".txt"
+    captions = _read_caption_file(Path(caption)) if os.path.isfile(caption) else ()
+    return Record(key=key, captions=captions, path=Path(key))
 
 
 def iter_shards(shards: Sequence[Path]) -> Iterator[Record]:

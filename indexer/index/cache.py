@@ -111,6 +111,13 @@ class EmbeddingCache:
     def close(self) -> None:
         self._conn.close()
 
+    def reopen(self) -> EmbeddingCache:
+        """The same cache on a new connection, for another thread (it was checked when this one opened)."""
+        other = object.__new__(EmbeddingCache)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_conn"})
+        other._conn = _connect(self.path)
+        return other
+
     def known(self, kind: str, shas: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for part in _chunks(list(shas)):
@@ -242,6 +249,20 @@ class FileStates:
         data = [(k, f.size, f.mtime_ns, f.sha256, f.nbytes) for k, f in rows]
         with self._conn:
             self._conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", data)
+
+    def load_keys(self, keys: Iterable[str]) -> dict[str, FileState]:
+        """The rows of `keys` only (a watcher's batch: cost in proportion to it, not to the collection)."""
+        out: dict[str, FileState] = {}
+        for part in _chunks(list(keys)):
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT key, size, mtime_ns, sha256, nbytes FROM files WHERE key IN ({marks})"
+            out.update((k, FileState(s, m, h, n)) for k, s, m, h, n in self._conn.execute(sql, part))
+        return out
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop the rows of files that are gone."""
+        with self._conn:
+            self._conn.executemany("DELETE FROM files WHERE key = ?", ((k,) for k in keys))
 
     def retain(self, keys: set[str]) -> None:
         """Forget files no longer in the source (keeps the table the size of the collection)."""

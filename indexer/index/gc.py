@@ -8,10 +8,8 @@ import shutil
 from pathlib import Path
 
 from indexer.core.bundle.inventory import current_version, describe
-from indexer.core.bundle.items import ItemStore
-from indexer.core.bundle.layout import ITEMS_DB
 from indexer.core.bundle.leases import leased_versions
-from indexer.core.bundle.read import list_versions
+from indexer.core.bundle.read import list_versions, live_items
 from indexer.index.cache import EmbeddingCache, cache_dim, cache_files, remove_work_file
 from indexer.index.publish import clean_temp
 
@@ -44,13 +42,9 @@ def _kept_contents(bundles_dir: Path) -> dict[str, dict[str, set[str]]]:
         if info.manifest is None:
             continue
         want = keep.setdefault(info.manifest.model.fingerprint, {"image": set(), "text": set()})
-        store = ItemStore(Path(bundles_dir) / info.version / ITEMS_DB)
-        try:
-            for item in store.all():
-                if item.sha256:
-                    want[item.kind].add(item.sha256)
-        finally:
-            store.close()
+        for item in live_items(Path(bundles_dir) / info.version, info.manifest):  # base and segments
+            if item.sha256:
+                want[item.kind].add(item.sha256)
     return keep
 
 

@@ -89,13 +89,16 @@ def load_ids(bundles_dir: Path) -> IdState | None:
 
 def save_ids(bundles_dir: Path, items: Iterable[Item], next_id: int) -> None:
     """Record the ids of `items` and `next_id` in one transaction (replacing the previous record)."""
+    save_state(bundles_dir, IdState.from_items(items, next_id))
+
+
+def save_state(bundles_dir: Path, state: IdState) -> None:
+    """Record `state` in one transaction (replacing the previous record); every publish does this first."""
     path = ids_path(bundles_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [
-        (it.kind, it.path if it.kind == "image" else it.text, it.id, it.sha256)
-        for it in items
-        if (it.path if it.kind == "image" else it.text) is not None
-    ]
+    rows = [("image", key, item_id, sha) for key, (item_id, sha) in state.images.items()]
+    rows += [("text", text, item_id, None) for text, item_id in state.texts.items()]
+    next_id = state.next_id
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA journal_mode=WAL")

@@ -12,11 +12,11 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 
@@ -56,7 +56,7 @@ def new_version() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -64,7 +64,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -85,6 +85,25 @@ def publish(bundles_dir: Path, contents: BundleContents) -> Path:
     The stages `publish-written` (verified temp dir) and `publish-renamed` (renamed, CURRENT not yet
     flipped) are where the crash tests stop the process (`indexer.index.stages`).
     """
+
+    def verify(tmp: Path, known: dict[str, HashedFile]) -> None:
+        open_bundle_dir(tmp, known=known).close()
+
+    final, _ = commit(bundles_dir, lambda tmp, version: _write_contents(tmp, version, contents), verify)
+    return final
+
+
+W = TypeVar("W")
+V = TypeVar("V")
+
+
+def commit(
+    bundles_dir: Path, write: Callable[[Path, str], W], verify: Callable[[Path, W], V]
+) -> tuple[Path, V]:
+    """The publishing protocol every version goes through: `write(tmp, version)` fills a temp dir,
+    `verify(tmp, written)` opens it as the service would, then it is renamed into place and `CURRENT` is
+    flipped. A failure (or a crash) anywhere leaves `CURRENT` as it was; a temp dir is removed here or by
+    the next run's `clean_temp`."""
     bundles_dir = Path(bundles_dir)
     bundles_dir.mkdir(parents=True, exist_ok=True)
     work = bundles_dir / WORK_DIR
@@ -92,28 +111,27 @@ def publish(bundles_dir: Path, contents: BundleContents) -> Path:
     tmp = bundles_dir / f"{TMP_PREFIX}{version}"
     tmp.mkdir()
     try:
-        known = _write_contents(tmp, version, contents)
-        open_bundle_dir(tmp, known=known).close()
+        checked = verify(tmp, write(tmp, version))
         reached("publish-written", work)
         final = bundles_dir / version
         os.rename(tmp, final)
-        _fsync_dir(bundles_dir)
+        fsync_dir(bundles_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     reached("publish-renamed", work)
     set_current(bundles_dir, version)
-    return final
+    return final, checked
 
 
 def set_current(bundles_dir: Path, version: str) -> None:
     """Atomically point `CURRENT` at `version`."""
     tmp = Path(bundles_dir) / f"{CURRENT}.tmp"
     tmp.write_text(version + "\n")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     reached("current-tmp", Path(bundles_dir) / WORK_DIR)
     os.replace(tmp, Path(bundles_dir) / CURRENT)
-    _fsync_dir(Path(bundles_dir))
+    fsync_dir(Path(bundles_dir))
 
 
 def _copy_or_link(src: Path, dst: Path, link_dir: Path | None) -> None:
@@ -165,13 +183,11 @@ def _write_contents(tmp: Path, version: str, c: BundleContents) -> dict[str, Has
     faiss.write_index(c.text_index, str(tmp / c.texts.file))
     reached("publish-indexes", tmp.parent / WORK_DIR)
     write_items(tmp / ITEMS_DB, c.items)
-    with open(tmp / SKIPPED, "w") as f:
-        for row in c.skipped:
-            f.write(json.dumps(asdict(row)) + "\n")
+    write_skipped(tmp / SKIPPED, c.skipped)
     rels = [*(f"{MODEL_DIR}/{name}" for name in names), c.images.file, c.texts.file, ITEMS_DB, SKIPPED]
     files = {}
     for rel in rels:
-        _fsync_file(tmp / rel)
+        fsync_file(tmp / rel)
         if rel not in known:
             known[rel] = hash_file(tmp / rel)
         files[rel] = FileEntry(sha256=known[rel].sha256, size=known[rel].stamp.size)
@@ -184,8 +200,19 @@ def _write_contents(tmp: Path, version: str, c: BundleContents) -> dict[str, Has
         files=files,
         stats=c.stats or {},
     )
-    (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(model_out)
-    _fsync_dir(tmp)
+    write_manifest(tmp, manifest)
+    fsync_dir(model_out)
     return known
+
+
+def write_manifest(tmp: Path, manifest: BundleManifest) -> None:
+    """The manifest goes last: it is what makes the files a bundle."""
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    fsync_file(tmp / MANIFEST)
+    fsync_dir(tmp)
+
+
+def write_skipped(path: Path, skipped: Sequence[Skipped]) -> None:
+    with open(path, "w") as f:
+        for row in skipped:
+            f.write(json.dumps(asdict(row)) + "\n")

@@ -349,3 +349,10 @@ def _contents(
         link_model_from=link_from,
     )
     return contents, counts
+
+
+def reindex_locked(cfg: ReindexConfig) -> ReindexResult:
+    """`reindex` for a caller that already holds the bundles dir's lock (the watcher's full passes)."""
+    start = time.perf_counter()
+    model_cfg = _check_inputs(cfg)
+    return _run(cfg, int(model_cfg["embed_dim"]), start)

@@ -9,14 +9,14 @@ import logging
 import os
 import sqlite3
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.core.bundle.items import Item, ItemStore, Skipped
-from indexer.core.bundle.layout import CURRENT, ITEMS_DB
+from indexer.core.bundle.items import Item, Skipped
+from indexer.core.bundle.layout import CURRENT
 from indexer.core.bundle.manifest import BundleError, BundleManifest, load_manifest
-from indexer.core.bundle.read import list_versions, open_bundle_dir, read_current
+from indexer.core.bundle.read import list_versions, live_items, open_bundle_dir, read_current
 from indexer.data.sources import Record
 from indexer.index.cache import FileState, FileStates
 from indexer.index.ids import IdState, IdStateError, high_water, ids_path, load_ids
@@ -113,11 +113,7 @@ def _base_bundle(bundles_dir: Path) -> tuple[str, BundleManifest, list[Item]] | 
 
 def _read_bundle(root: Path) -> tuple[BundleManifest, list[Item]]:
     manifest = load_manifest(root)
-    store = ItemStore(root / ITEMS_DB)
-    try:
-        return manifest, store.all()
-    finally:
-        store.close()
+    return manifest, live_items(root, manifest)  # base and delta segments folded
 
 
 def _signature(record: Record) -> tuple[int, int, float]:
@@ -133,9 +129,14 @@ class ScanResult:
     hashed: int  # files that had to be read because their signature changed
 
 
-def scan(records: Sequence[Record], states: FileStates, full: bool) -> ScanResult:
-    """Stat every record; hash those whose (size, mtime) differ from the last run (all of them if `full`)."""
-    known = {} if full else states.load()
+def scan(
+    records: Sequence[Record], states: FileStates, full: bool, known: Mapping[str, FileState] | None = None
+) -> ScanResult:
+    """Stat every record; hash those whose (size, mtime) differ from the last run (all of them if `full`).
+
+    `known`: the caller's rows of `states` for these records (a watcher's batch), instead of all of them.
+    """
+    known = {} if full else (known if known is not None else states.load())
     images: list[SourceImage] = []
     failed: list[Skipped] = []
     todo: list[tuple[Record, int, int, float]] = []

@@ -40,21 +40,31 @@ class Skipped:
 
 
 ITEM_COLUMNS = tuple(f.name for f in fields(Item))
+REPLACED = "replaced"  # a delta segment's table of the ids it owns
+_CHUNK = 500  # ids per `IN (...)`: SQLite's variable limit is 999 on old builds
 _SQL_TYPES = {"id": "INTEGER PRIMARY KEY", "size": "INTEGER", "mtime": "REAL", "width": "INTEGER"}
 _SQL_TYPES |= {"height": "INTEGER", "kind": "TEXT NOT NULL CHECK (kind IN ('image', 'text'))"}
 _COLUMN_DEFS = ", ".join(f"{c} {_SQL_TYPES.get(c, 'TEXT')}" for c in ITEM_COLUMNS)
 SCHEMA = f"CREATE TABLE items ({_COLUMN_DEFS});\nCREATE INDEX items_kind ON items(kind);\n"
 
 
-def write_items(path: Path, items: Iterable[Item]) -> None:
-    """Create `path` holding `items` (a new file: bundles are written once)."""
+REPLACED_SCHEMA = f"CREATE TABLE {REPLACED} (id INTEGER PRIMARY KEY);\n"
+
+
+def write_items(path: Path, items: Iterable[Item], replaced: Iterable[int] | None = None) -> None:
+    """Create `path` holding `items` (a new file: bundles are written once).
+
+    `replaced`: for a delta segment, every id it owns (docs/architecture.md, "Bundle format").
+    """
     conn = sqlite3.connect(path)
     try:
-        conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA + (REPLACED_SCHEMA if replaced is not None else ""))
         marks = ", ".join("?" * len(ITEM_COLUMNS))
         conn.executemany(
             f"INSERT INTO items ({', '.join(ITEM_COLUMNS)}) VALUES ({marks})", (astuple(i) for i in items)
         )
+        if replaced is not None:
+            conn.executemany(f"INSERT INTO {REPLACED} (id) VALUES (?)", ((int(i),) for i in replaced))
         conn.commit()
     finally:
         conn.close()
@@ -94,6 +104,26 @@ class ItemStore:
         with self._lock:
             rows = self._conn.execute(sql, wanted).fetchall()
         return {int(r[0]): Item(*r) for r in rows}
+
+    def kinds(self, ids: Sequence[int]) -> dict[int, ItemKind]:
+        """The kind of each of `ids` that has a row (by primary key: cost in proportion to `ids`)."""
+        out: dict[int, ItemKind] = {}
+        wanted = [int(i) for i in ids]
+        for start in range(0, len(wanted), _CHUNK):
+            part = wanted[start : start + _CHUNK]
+            sql = f"SELECT id, kind FROM items WHERE id IN ({','.join('?' * len(part))})"
+            with self._lock:
+                out.update((int(i), k) for i, k in self._conn.execute(sql, part))
+        return out
+
+    def replaced(self) -> list[int]:
+        """The ids a delta segment owns (its `replaced` table); empty for a base."""
+        with self._lock:
+            has = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (REPLACED,)
+            ).fetchone()
+            rows = self._conn.execute(f"SELECT id FROM {REPLACED}").fetchall() if has else []
+        return [int(r[0]) for r in rows]
 
     def image_paths(self) -> list[str]:
         """The path of every image item (lighter than `all` for a large collection)."""

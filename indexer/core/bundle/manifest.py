@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from indexer.core.bundle.layout import MANIFEST
 from indexer.core.errors import ClipsearchError, first_error
@@ -29,6 +29,8 @@ class ModelRef(BaseModel):
 
 
 class IndexSpec(BaseModel):
+    """The base's FAISS index of one target; `count` is how many items of it the version serves."""
+
     model_config = ConfigDict(extra="forbid")
 
     file: str
@@ -46,10 +48,21 @@ class FileEntry(BaseModel):
     size: int
 
 
+class SegmentSpec(BaseModel):
+    """A delta segment (`segments/<name>/`): the ids it owns and the vectors it holds for them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[0-9]{6}-[0-9a-f]{12}$", description="sequence + sha256 of its files")
+    images: int = Field(ge=0, description="image vectors (and rows) it holds")
+    texts: int = Field(ge=0, description="text vectors (and rows) it holds")
+    replaced: int = Field(ge=0, description="ids it owns: earlier rows and vectors of these are void")
+
+
 class BundleManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 1  # 2: the version has delta segments
     version: str
     created_at: str
     model: ModelRef
@@ -57,6 +70,19 @@ class BundleManifest(BaseModel):
     texts: IndexSpec
     files: dict[str, FileEntry]
     stats: dict[str, Any] = Field(default_factory=dict)
+    segments: list[SegmentSpec] = Field(default_factory=list, description="delta segments, oldest first")
+
+    @model_validator(mode="after")
+    def _schema_fits(self) -> BundleManifest:
+        if self.segments and self.schema_version < 2:
+            raise ValueError("delta segments need schema_version 2")
+        return self
+
+    def to_json(self) -> str:
+        """The manifest file's text; a version without segments is written exactly as schema 1 was."""
+        if self.segments:
+            return self.model_copy(update={"schema_version": 2}).model_dump_json(indent=2)
+        return self.model_copy(update={"schema_version": 1}).model_dump_json(indent=2, exclude={"segments"})
 
 
 def load_manifest(root: Path) -> BundleManifest:
