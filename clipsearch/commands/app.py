@@ -45,6 +45,11 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def warn(message: str) -> None:
+    """`warning: ...` on stderr: the command goes on, but the user should fix something."""
+    typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
