@@ -12,13 +12,14 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # fontconfig (to find the font) and FriBiDi (Pillow's complex text layout draws emoji sequences with it).
 TEST_PACKAGES ?= fonts-noto-color-emoji chromium fontconfig libfribidi0
 
-.PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench clean
+.PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench docker-test clean
 
 help:
 	@echo "make demo   - set up .venv, build the emoji data, train, index and serve on http://127.0.0.1:$(PORT)"
 	@echo "make test   - install dev dependencies and system packages, run lint, types and the whole test suite"
 	@echo "make test-fast - the tests not marked slow (a loop of under two minutes for day-to-day work)"
 	@echo "make bench  - run the side-by-side benchmarks in benchmarks/"
+	@echo "make docker-test - build the image and run the compose services for real (opt-in, ~10 minutes)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,11 @@ bench: dev
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/index.py
 	$(BIN)/python benchmarks/serve.py
+
+# Opt-in, not part of `make test` or CI: builds the image and runs docker-compose.yml's services for real
+# (Docker where an engine exists, podman following the file where not; docs/docker.md, "How it is tested").
+docker-test: dev
+	nice -n 19 $(BIN)/python -m tests.ship.compose_run $(DOCKER_TEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
