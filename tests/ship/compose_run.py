@@ -414,11 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"emoji: {count} indexed (dataset.json: {dataset['images']}, layout {dataset['layout']})"
         )
         check(count == dataset["images"] >= MIN_EMOJI, f"only {count} emoji indexed (at least {MIN_EMOJI})")
-        health, started = engine.api_state()
+        health, _ = engine.api_state()
         summary.append(f"api healthcheck: {health}")
         check(health == "healthy", f"the api's healthcheck says {health}")
 
-        # -- the image says what to install when raqm is missing, and ships no pip
+        # -- the image says what to install when raqm is missing, and carries nothing unused
         without = engine.shell(
             "find / -name 'libfribidi.so*' -delete 2>/dev/null; "
             "clipsearch data emoji --out /tmp/e --limit 30 --workers 1 2>&1",
@@ -446,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check(served["images"]["count"] == len(PHOTOS), f"{served['images']['count']} images served")
             hits = search(url, "dog face", k=len(PHOTOS))
             check(all(h["path"].startswith("/photos/") for h in hits), f"not the photo folder: {hits}")
+            check(hits[0]["path"] == "/photos/dog.png", f'"dog face" found {hits[0]["path"]} first')
             image = httpx.get(f"{url}{hits[0]['image_url']}", timeout=30)
             check(
                 image.status_code == 200 and image.content[:4] == b"\x89PNG", "the api cannot serve the photo"
