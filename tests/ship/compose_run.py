@@ -177,9 +177,8 @@ class PodmanFollowingCompose(Engine):
             if "build" not in service or service["image"] in done:
                 continue
             args = [f"--build-arg={k}={v}" for k, v in service["build"].get("args", {}).items()]
-            run(
-                ["nice", "-n", "19", str(self.container_sh), "build", service["image"], *args], self.env, 3600
-            )
+            argv = [str(self.container_sh), "build", service["image"], *(["--no-cache"] if no_cache else [])]
+            run(["nice", "-n", "19", *argv, *args], self.env, timeout=3600)
             done.add(service["image"])
 
     def _volume(self, source: str) -> str:

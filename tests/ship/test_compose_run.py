@@ -54,3 +54,16 @@ def test_photos_are_bind_mounted_and_a_one_off_run_publishes_nothing(podman, tmp
         )
     one_off = podman._run_args("indexer", compose["services"]["indexer"], one_off=True)
     assert _flags(one_off, "--name") == [f"{PROJECT}-indexer-run"] and "-p" not in one_off
+
+
+@pytest.mark.parametrize("no_cache", [False, True])
+def test_the_build_uses_the_compose_build_args_once_per_image(podman, monkeypatch, no_cache):
+    import tests.ship.compose_run as compose_run
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(compose_run, "run", lambda argv, env, timeout, prefix="": calls.append(argv))
+    podman.env["TORCH_VARIANT"] = "cuda"
+    podman.build(no_cache=no_cache)
+    (argv,) = calls  # both services name the same image: one build
+    assert argv[argv.index("build") + 1] == "clipsearch:t" and "--build-arg=TORCH_VARIANT=cuda" in argv
+    assert ("--no-cache" in argv) == no_cache
