@@ -3,7 +3,8 @@
     python check_torch.py VARIANT INDEX_URL
 
 With TORCH_VARIANT=cpu a torch built for CUDA means the CPU wheel index was not used (unreachable, or
-TORCH_INDEX_URL points elsewhere): the image would silently hold the CUDA libraries, several gigabytes the CPU image does not need.
+TORCH_INDEX_URL points elsewhere): the image would silently hold the CUDA libraries, several gigabytes
+the CPU image does not need.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def check(variant: str, index: str, version: str, cuda: str | None) -> str | Non
     if variant == "cuda" and cuda is None:
         return (
             f"TORCH_VARIANT=cuda, but torch {version} from {index} is a CPU-only build: pass TORCH_INDEX_URL "
-            "of an index with CUDA wheels (e.g. https://download.pytorch.org/whl/cu128), or build the cpu variant"
+            "of an index with CUDA wheels (e.g. https://download.pytorch.org/whl/cu128), "
+            "or build the cpu variant"
         )
     return None
 
@@ -33,9 +35,10 @@ def main(argv: list[str]) -> int:
 
     problem = check(variant, index, torch.__version__, torch.version.cuda)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        sys.stderr.write(f"error: {problem}\n")
         return 1
-    print(f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU only'})")
+    built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+    sys.stdout.write(f"torch {torch.__version__} ({built})\n")
     return 0
 
 
