@@ -3,6 +3,10 @@
 Every stage runs the real `clipsearch` subcommand in a child process, exactly as a user would, and
 records a small marker (`WORKDIR/.stages/NAME.json`) only after it succeeded, so an interrupted stage
 is redone (or resumed) and a finished one costs nothing on the next run.
+
+With `--images FOLDER` (the compose indexer's photo mount) the index stage embeds that folder instead
+of the emoji set, with the demo's model, on every run: `clipsearch index` itself is incremental, so an
+unchanged folder costs a scan. An empty folder means "no folder given": the emoji set is served.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class DemoConfig:
     device: str = "auto"
     font: Path | None = None
     limit: int | None = None  # use only the first N emoji (quick checks)
+    images: Path | None = None  # index this folder (when it holds images) instead of the emoji set
 
     @property
     def data_dir(self) -> Path:
@@ -223,12 +228,47 @@ def _train_args(cfg: DemoConfig) -> list[str]:
     return [*args, "--time-budget", f"{cfg.time_budget_minutes:g}"]
 
 
+def own_images(cfg: DemoConfig, say: Say) -> Path | None:
+    """The folder of the user's own images to index, or None for the emoji set."""
+    if cfg.images is None:
+        return None
+    if not cfg.images.is_dir():
+        raise DemoError(f"--images {cfg.images} is not a folder")
+    from indexer.data.sources import iter_folder
+
+    if next(iter_folder(cfg.images), None) is None:
+        say(f"{cfg.images} holds no images: indexing the emoji set instead")
+        return None
+    return cfg.images
+
+
+def _index_own_images(cfg: DemoConfig, images: Path, model: dict[str, Any], say: Say, run: Runner) -> str:
+    """Index the user's folder with the demo's model, every run (incremental), without the emoji marker.
+
+    The emoji index marker keeps naming the emoji bundle, so a later run without the folder re-indexes
+    the emoji set rather than serving the photos as "up to date".
+    """
+    args = ["index", "--model", str(cfg.model_dir), "--images", str(images)]
+    args += ["--bundles", str(cfg.bundles_dir), "--device", cfg.device]
+    say(f"[index] clipsearch {' '.join(args)}")
+    if run(args) != 0:
+        raise DemoError("the index stage failed (see the messages above); re-run to resume")
+    state = index_state(cfg)
+    if state is None or state["fingerprint"] != model["fingerprint"]:
+        raise DemoError("the index stage finished but its output is not valid")
+    return str(state["bundle"])
+
+
 def prepare(cfg: DemoConfig, say: Say, run: Runner = run_clipsearch) -> str:
     """Run the data, train and index stages as needed; returns the bundle version ready to serve."""
+    from indexer.data.emoji import text_layout
+
+    images = own_images(cfg, say)
     font = ensure_font(cfg, say)
     data_args = ["data", "emoji", "--out", str(cfg.data_dir), "--font", str(font)]
     data_args += ["--limit", str(cfg.limit)] if cfg.limit else []
-    data = _stage(cfg, "data", lambda _: data_args, data_state, {}, say, run)
+    # Redone when Pillow's text layout changed: a set built without raqm lacks two thirds of the emoji.
+    data = _stage(cfg, "data", lambda _: data_args, data_state, {"layout": text_layout()}, say, run)
     # A run is reused only for the same data and the same architecture (a new release may change what
     # `small` is).
     train_upstream = {**data, "architecture": _architecture(cfg.model)}
@@ -239,6 +279,8 @@ def prepare(cfg: DemoConfig, say: Say, run: Runner = run_clipsearch) -> str:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)  # trained on other data or model: start over
         _marker(cfg, "train").unlink()
     model = _stage(cfg, "train", _train_args, model_state, train_upstream, say, run)
+    if images is not None:
+        return _index_own_images(cfg, images, model, say, run)
     index_args = ["index", "--model", str(cfg.model_dir), "--images", str(cfg.data_dir / "captions.csv")]
     index_args += ["--bundles", str(cfg.bundles_dir), "--device", cfg.device]
     index = _stage(cfg, "index", lambda _: index_args, index_state, model, say, run)

@@ -102,6 +102,11 @@ def user_errors(verbose: bool = False, disk: Path | None = None) -> Iterator[Non
         raise typer.Exit(1) from None
 
 
+def warn(message: str) -> None:
+    """`warning: ...` on stderr: the command goes on, but the user should fix something."""
+    typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+
+
 def setup_logging(verbose: bool = False) -> None:
     verbose = verbose or _VERBOSE["on"]
     logging.basicConfig(

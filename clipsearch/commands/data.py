@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from clipsearch.commands.app import app, user_errors
+from clipsearch.commands.app import app, user_errors, warn
 
 data_app = typer.Typer(help="Build image–caption data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -37,7 +37,13 @@ def emoji(
     ] = None,
 ) -> None:
     """Render every emoji of a colour font as a PNG captioned with its English name."""
-    from indexer.data.emoji import DEFAULT_FONT, EmojiDataConfig, build_emoji_dataset
+    from indexer.data.emoji import (
+        DEFAULT_FONT,
+        RAQM_MISSING,
+        EmojiDataConfig,
+        build_emoji_dataset,
+        text_layout,
+    )
     from indexer.data.workers import default_workers
 
     cfg = EmojiDataConfig(
@@ -49,13 +55,18 @@ def emoji(
         limit=limit,
         workers=workers or default_workers(main_busy=False),
     )
+    if text_layout() != "raqm":
+        warn(RAQM_MISSING)
     with user_errors():
         start = time.perf_counter()
         info = build_emoji_dataset(cfg)
     skipped = info.skipped.blank + info.skipped.tofu + info.skipped.unsupported
+    why = "the font cannot draw them" if info.layout == "raqm" else "no raqm, see the warning"
     typer.echo(
-        f"{info.images} emoji images ({skipped} of {info.catalogue} skipped: the font cannot draw them) "
+        f"{info.images} emoji images ({skipped} of {info.catalogue} skipped: {why}) "
         f"in {time.perf_counter() - start:.1f}s; train {info.train.images} images / "
         f"{info.train.concepts} concepts, val {info.val.images} images / {info.val.concepts} concepts "
         f"-> {out}"
     )
+    if info.layout != "raqm":
+        warn(f"only {info.images} of {info.catalogue} emoji drawn: {RAQM_MISSING}")

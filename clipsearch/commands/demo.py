@@ -34,6 +34,13 @@ def demo(
     limit: Annotated[
         int | None, typer.Option(min=8, help="Use only the first N emoji (quick checks).")
     ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Index this folder of your own images (recursive, incremental) with the demo's model "
+            "instead of the emoji set; an empty folder means the emoji set."
+        ),
+    ] = None,
 ) -> None:
     """Build the emoji data set, train a small model, index it and serve it; finished stages are skipped."""
     from clipsearch.demo import DemoConfig, prepare, serve_argv
@@ -48,6 +55,7 @@ def demo(
         device=device,
         font=font,
         limit=limit,
+        images=images,
     )
     with user_errors():
         version = prepare(cfg, say=_say)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import emoji
 from PIL import Image, ImageChops, ImageDraw, ImageFont, features
@@ -44,6 +45,13 @@ GENDER_SIGNS = frozenset({"\u2640", "\u2642"})
 PERSON_BASES = {"\U0001f468": "\U0001f9d1", "\U0001f469": "\U0001f9d1"}
 # A missing glyph (.notdef) is rendered from a noncharacter the font surely lacks, to recognise tofu.
 NOT_A_CHARACTER = "\U0010fffd"
+# Pillow's wheels carry raqm and HarfBuzz but load FriBiDi from the system: without it, raqm is off.
+RAQM_MISSING = (
+    "Pillow's complex text layout (raqm) is unavailable, so no emoji sequence (skin tones, ZWJ "
+    "sequences, flags: about two thirds of the set) can be drawn; raqm needs the FriBiDi library: "
+    "`apt-get install libfribidi0` (Debian, Ubuntu), `dnf install fribidi` (Fedora), "
+    "`brew install fribidi` (macOS), then run again (a Pillow built from source also needs libraqm)"
+)
 
 
 class FontError(ClipsearchError, ValueError):
@@ -150,6 +158,11 @@ def split_by_concept(
     return train, val
 
 
+def text_layout() -> Literal["raqm", "basic"]:
+    """`raqm` when Pillow can shape emoji sequences into one glyph; `basic` draws single emoji only."""
+    return "raqm" if features.check("raqm") else "basic"
+
+
 def load_font(path: Path) -> ImageFont.FreeTypeFont:
     """The colour font at the first size it loads at; a one-line error when it can't be used."""
     if not path.is_file():
@@ -158,7 +171,7 @@ def load_font(path: Path) -> ImageFont.FreeTypeFont:
             "or pass --font PATH to a colour emoji font"
         )
     # Raqm does the shaping that turns ZWJ sequences and flags into one glyph.
-    engine = ImageFont.Layout.RAQM if features.check("raqm") else ImageFont.Layout.BASIC
+    engine = ImageFont.Layout.RAQM if text_layout() == "raqm" else ImageFont.Layout.BASIC
     for size in FONT_SIZES:
         try:
             return ImageFont.truetype(str(path), size, layout_engine=engine)
@@ -299,6 +312,7 @@ def build_emoji_dataset(cfg: EmojiDataConfig) -> EmojiDatasetInfo:
         val_fraction=cfg.val_fraction,
         limit=cfg.limit,
         emoji_package=emoji.__version__,
+        layout=text_layout(),
         catalogue=len(entries),
         images=len(rendered),
         skipped=SkipCounts(**{k: skipped.count(k) for k in ("blank", "tofu", "unsupported")}),

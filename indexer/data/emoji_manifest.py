@@ -42,6 +42,8 @@ class EmojiDatasetInfo(BaseModel):
     val_fraction: float
     limit: int | None
     emoji_package: str
+    # Pillow's text layout: `basic` (no raqm) cannot draw emoji sequences; None in older sets.
+    layout: Literal["raqm", "basic"] | None = None
     catalogue: int  # fully-qualified emoji considered
     images: int  # rendered, one PNG each
     skipped: SkipCounts

@@ -113,3 +113,73 @@ def test_serve_argv_names_bundles_and_port(cfg):
     assert argv[1:4] == ["-m", "clipsearch", "serve"]
     assert argv[argv.index("--port") + 1] == "8123"
     assert argv[argv.index("--bundles") + 1] == str(cfg.bundles_dir)
+
+
+# --- --images: the user's own folder (the compose indexer's photo mount) ---
+
+
+def _index_calls(fake: FakeClipsearch) -> list[list[str]]:
+    return [c for c in fake.calls if c[0] == "index"]
+
+
+def test_own_folder_is_indexed_with_the_demo_model_on_every_run(cfg, tiny_model_dir, tmp_path):
+    photos = tmp_path / "photos"
+    make_colour_dataset(photos)
+    own = DemoConfig(workdir=cfg.workdir, font=cfg.font, images=photos)
+    fake = FakeClipsearch(own, tiny_model_dir)
+    first = prepare(own, say=lambda _: None, run=fake)
+    (call,) = _index_calls(fake)
+    assert call[call.index("--images") + 1] == str(photos)
+    assert call[call.index("--model") + 1] == str(own.model_dir)
+    # The next run skips data and training but indexes again: `clipsearch index` finds what changed.
+    again = FakeClipsearch(own, tiny_model_dir)
+    second = prepare(own, say=lambda _: None, run=again)
+    assert [c[0] for c in again.calls] == ["index"] and second != first
+
+
+def test_back_to_the_emoji_set_after_the_own_folder_reindexes_it(cfg, tiny_model_dir, tmp_path):
+    """The photos bundle must not pass for the emoji one: the emoji index marker still names its own."""
+    emoji_version = prepare(cfg, say=lambda _: None, run=FakeClipsearch(cfg, tiny_model_dir))
+    photos = tmp_path / "photos"
+    make_colour_dataset(photos)
+    own = DemoConfig(workdir=cfg.workdir, font=cfg.font, images=photos)
+    photos_version = prepare(own, say=lambda _: None, run=FakeClipsearch(own, tiny_model_dir))
+    back = FakeClipsearch(cfg, tiny_model_dir)
+    final = prepare(cfg, say=lambda _: None, run=back)
+    assert [c[0] for c in back.calls] == ["index"]
+    assert back.calls[0][back.calls[0].index("--images") + 1] == str(cfg.data_dir / "captions.csv")
+    assert len({emoji_version, photos_version, final}) == 3
+
+
+def test_an_empty_folder_means_the_emoji_set_and_says_so(cfg, tiny_model_dir, tmp_path):
+    empty = tmp_path / "photos"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    own = DemoConfig(workdir=cfg.workdir, font=cfg.font, images=empty)
+    said: list[str] = []
+    fake = FakeClipsearch(own, tiny_model_dir)
+    prepare(own, say=said.append, run=fake)
+    (call,) = _index_calls(fake)
+    assert call[call.index("--images") + 1] == str(own.data_dir / "captions.csv")
+    assert any("holds no images" in s and "emoji" in s for s in said)
+
+
+def test_a_missing_folder_is_an_error_before_any_stage(cfg, tiny_model_dir, tmp_path):
+    own = DemoConfig(workdir=cfg.workdir, font=cfg.font, images=tmp_path / "nope")
+    fake = FakeClipsearch(own, tiny_model_dir)
+    with pytest.raises(DemoError, match="not a folder"):
+        prepare(own, say=lambda _: None, run=fake)
+    assert fake.calls == []
+
+
+def test_the_data_set_is_rebuilt_when_raqm_becomes_available(cfg, tiny_model_dir, monkeypatch):
+    """A set drawn without raqm lacks the emoji sequences: once raqm works, it is drawn again."""
+    import indexer.data.emoji
+
+    monkeypatch.setattr(indexer.data.emoji, "text_layout", lambda: "basic")
+    prepare(cfg, say=lambda _: None, run=FakeClipsearch(cfg, tiny_model_dir))
+    monkeypatch.setattr(indexer.data.emoji, "text_layout", lambda: "raqm")
+    fake = FakeClipsearch(cfg, tiny_model_dir)
+    prepare(cfg, say=lambda _: None, run=fake)
+    # The fake draws the same images again, so training and indexing stay up to date.
+    assert [c[0] for c in fake.calls] == ["data"]

@@ -205,3 +205,35 @@ def test_an_unrelated_folder_is_never_written_into(tmp_path: Path) -> None:
     result = run_cli(["data", "emoji", "--out", str(tmp_path), *EMOJI_ARGS])
     assert result.returncode == 1 and "notes.txt" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_without_raqm_the_command_says_what_to_install(
+    emoji_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow without raqm (no libfribidi0) draws single emoji only: the command warns and names the fix."""
+    from PIL import features
+    from typer.testing import CliRunner
+
+    from clipsearch.commands import data as data_cmd  # noqa: F401  (registers the command)
+    from clipsearch.commands.app import app
+
+    real = features.check
+    monkeypatch.setattr(features, "check", lambda name: False if name == "raqm" else real(name))
+    result = CliRunner().invoke(app, ["data", "emoji", "--out", str(tmp_path / "d"), *EMOJI_ARGS])
+    assert result.exit_code == 0, result.output
+    with_raqm = check_emoji_dataset(emoji_dir)
+    without = check_emoji_dataset(tmp_path / "d")
+    assert (with_raqm.layout, without.layout) == ("raqm", "basic")
+    # The 6 skin tones of 👌 and the ZWJ family variants are sequences: only their bases are drawn.
+    assert without.images < with_raqm.images and without.skipped.unsupported > 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and all("apt-get install libfribidi0" in w for w in warnings)
+    assert f"only {without.images} of {without.catalogue} emoji drawn" in warnings[1]
+    assert "the font cannot draw them" not in result.stdout and "no raqm" in result.stdout
+
+
+@pytest.mark.slow
+def test_with_raqm_there_is_no_warning(tmp_path: Path) -> None:
+    result = run_cli(["data", "emoji", "--out", str(tmp_path / "d"), *EMOJI_ARGS])
+    assert result.returncode == 0 and "warning" not in result.stderr
+    assert "the font cannot draw them" in result.stdout

@@ -53,6 +53,16 @@ def parse(path: Path) -> tuple[dict[str, str], list[Stage]]:
     return global_args, stages
 
 
+def image_of(stages: list[Stage], stage: Stage | None = None) -> Stage:
+    """A stage with its ancestors' instructions in front (`FROM base AS runtime` inherits base's layers)."""
+    stage = stage or stages[-1]
+    by_name = {s.name: s for s in stages if s.name}
+    chain = [stage]
+    while chain[0].base in by_name:
+        chain.insert(0, by_name[chain[0].base])
+    return Stage(chain[0].base, stage.name, [i for s in chain for i in s.instructions])
+
+
 def _instructions(text: str) -> list[Instruction]:
     out: list[Instruction] = []
     buf: list[str] = []

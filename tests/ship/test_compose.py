@@ -6,54 +6,46 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
 
 from tests.conftest import run_cli
+from tests.ship.composefile import REPO, duration_s, interpolate, load, mounts
 from tests.ship.dockerfiles import parse
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str) -> dict[str, Any]:
-    path = REPO / name
-    assert path.is_file(), f"{name} is missing"
-    data = yaml.safe_load(path.read_text())
-    assert isinstance(data, dict) and isinstance(data.get("services"), dict), f"{name} has no services"
-    return data
+PHOTOS = {"PHOTOS": "/home/me/Pictures"}
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return _load("docker-compose.yml")
+    return load("docker-compose.yml")
 
 
 def _mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(source, target, read_only) of each short-syntax volume of a service."""
-    out = []
-    for spec in service.get("volumes", []):
-        source, target, *mode = spec.split(":")
-        out.append((source, target, "ro" in (mode[0].split(",") if mode else [])))
-    return out
+    return [(m.source, m.target, m.read_only) for m in mounts(service)]
 
 
-def _duration_s(text: str) -> float:
-    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
-    assert parts and "".join(n + u for n, u in parts) == text, f"not a compose duration: {text!r}"
-    return sum(float(n) * units[u] for n, u in parts)
+def test_interpolation_follows_compose():
+    env = {"SET": "x", "EMPTY": ""}
+    assert interpolate("${SET:-d} ${EMPTY:-d} ${UNSET:-d} ${EMPTY-d} ${UNSET-d} $SET $$SET", env) == (
+        "x d d  d x $SET"
+    )
+    with pytest.raises(ValueError, match="unsupported"):
+        interpolate("${SET:?required}", env)
 
 
-def test_services_and_named_volume(compose):
+@pytest.mark.parametrize("env", [{}, PHOTOS], ids=["demo", "photos"])
+def test_services_and_named_volume(env):
+    compose = load("docker-compose.yml", env)
     assert {"indexer", "api"} <= set(compose["services"])
     declared = set(compose.get("volumes") or {})
     for name, service in compose["services"].items():
-        for source, _, _ in _mounts(service):
-            if not source.startswith((".", "/", "~")):
-                assert source in declared, f"{name} mounts volume {source!r}, not declared at the top level"
+        for mount in mounts(service):
+            if not mount.is_bind:
+                assert mount.source in declared, f"{name} mounts volume {mount.source!r}, not declared"
     assert _mounts(compose["services"]["indexer"])[0][0] in declared, "the indexer must write a named volume"
 
 
@@ -68,6 +60,32 @@ def test_indexer_is_a_one_shot_demo_into_the_volume(compose):
     assert indexer.get("restart", "no") == "no", "a one-shot job must not be restarted"
 
 
+def _photos_mount(compose: dict[str, Any], service: str) -> tuple[str, str, bool]:
+    command = compose["services"]["indexer"]["command"]
+    images = command[command.index("--images") + 1]
+    found = [m for m in _mounts(compose["services"][service]) if m[1] == images]
+    assert found, f"{service} does not mount the indexer's --images folder {images}"
+    return found[0]
+
+
+@pytest.mark.parametrize("service", ["indexer", "api"])
+def test_without_photos_the_folder_is_an_empty_named_volume(compose, service):
+    """No PHOTOS: an empty folder, so the indexer's demo indexes the emoji set."""
+    source, _, read_only = _photos_mount(compose, service)
+    assert source in (compose.get("volumes") or {}) and read_only
+    assert source not in {m[0] for m in _mounts(compose["services"]["indexer"]) if not m[2]}, (
+        "the photo volume must be nobody's writable volume (it stays empty)"
+    )
+
+
+@pytest.mark.parametrize("photos", ["/home/me/Pictures", "./photos", "~/Pictures"])
+def test_photos_bind_mounts_the_same_folder_read_only_in_both_services(photos):
+    """The indexer embeds the folder; the api serves its files, which the bundle names by their path."""
+    compose = load("docker-compose.yml", {"PHOTOS": photos})
+    indexer, api = _photos_mount(compose, "indexer"), _photos_mount(compose, "api")
+    assert indexer == api == (photos, indexer[1], True)
+
+
 def test_api_waits_for_the_indexer_and_reads_its_bundles_read_only(compose):
     api, indexer = compose["services"]["api"], compose["services"]["indexer"]
     assert api["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
@@ -75,10 +93,10 @@ def test_api_waits_for_the_indexer_and_reads_its_bundles_read_only(compose):
     assert command[0] == "serve"
     bundles = PurePosixPath(command[command.index("--bundles") + 1])
     indexer_volumes = {source for source, _, _ in _mounts(indexer)}
-    mounts = [(s, PurePosixPath(t), ro) for s, t, ro in _mounts(api) if s in indexer_volumes]
-    assert mounts, "the api does not mount the indexer's volume"
-    assert all(ro for _, _, ro in mounts), "the api must mount the bundles read-only"
-    assert any(bundles.is_relative_to(target) for _, target, _ in mounts), f"{bundles} is outside the mount"
+    shared = [(s, PurePosixPath(t), ro) for s, t, ro in _mounts(api) if s in indexer_volumes]
+    assert shared, "the api does not mount the indexer's volume"
+    assert all(ro for _, _, ro in shared), "the api must mount the bundles read-only"
+    assert any(bundles.is_relative_to(target) for _, target, _ in shared), f"{bundles} is outside the mount"
     assert command[command.index("--host") + 1] == "0.0.0.0", (
         "inside a container serve must listen on all interfaces"
     )
@@ -91,7 +109,7 @@ def test_api_publishes_its_port_and_stops_and_restarts_sanely(compose):
         f"container port {port} not published"
     )
     assert api["restart"] in ("always", "unless-stopped", "on-failure")
-    assert 5 <= _duration_s(api["stop_grace_period"]) <= 120
+    assert 5 <= duration_s(api["stop_grace_period"]) <= 120
 
 
 def test_api_healthcheck_probes_readyz_with_python(compose):
@@ -99,7 +117,7 @@ def test_api_healthcheck_probes_readyz_with_python(compose):
     assert check["test"][0] == "CMD" and check["test"][1] == "python"
     assert "/readyz" in " ".join(check["test"])
     for key in ("interval", "timeout", "start_period"):
-        _duration_s(check[key])
+        duration_s(check[key])
 
 
 @pytest.mark.slow
@@ -113,7 +131,7 @@ def test_api_healthcheck_passes_only_when_ready(compose, readyz_stub):
 
 
 def test_gpu_override_reserves_an_nvidia_gpu(compose):
-    gpu = _load("docker-compose.gpu.yml")
+    gpu = load("docker-compose.gpu.yml")
     assert set(gpu["services"]) <= set(compose["services"]), "the override names unknown services"
     for name in ("indexer", "api"):
         devices = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
@@ -123,9 +141,31 @@ def test_gpu_override_reserves_an_nvidia_gpu(compose):
         assert f"{variant})" in torch_runs, f"the Dockerfile has no TORCH_VARIANT={variant} branch"
 
 
+def _docs_overrides() -> list[dict[str, Any]]:
+    """The compose overrides docs/docker.md shows (YAML blocks with `services:`)."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "docker.md").read_text(), re.S)
+    return [data for b in blocks if isinstance(data := yaml.safe_load(b), dict) and "services" in data]
+
+
+def test_the_documented_override_uses_the_photo_folder_and_a_mounted_model():
+    (override,) = _docs_overrides()
+    indexer = override["services"]["indexer"]
+    command = indexer["command"]
+    photos = _photos_mount(load("docker-compose.yml"), "indexer")[1]
+    assert command[command.index("--images") + 1] == photos
+    model = command[command.index("--model") + 1]
+    assert any(m.target == model and m.read_only and m.is_bind for m in mounts(indexer))
+    api = load("docker-compose.yml")["services"]["api"]["command"]
+    served = api[api.index("--bundles") + 1]
+    assert command[command.index("--bundles") + 1] == served, (
+        "the override must index into the served bundles"
+    )
+
+
 def _container_commands() -> list[list[str]]:
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    compose = load("docker-compose.yml")
     commands = [s["command"] for s in compose["services"].values() if "command" in s]
+    commands += [s["command"] for o in _docs_overrides() for s in o["services"].values() if "command" in s]
     cmd = parse(REPO / "Dockerfile")[1][-1].all("CMD")[-1].exec_form()
     unique = {tuple(c): list(c) for c in [*commands, *([cmd] if cmd else [])]}
     return list(unique.values())
