@@ -12,22 +12,15 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # fontconfig (to find the font) and FriBiDi (Pillow's complex text layout draws emoji sequences with it).
 TEST_PACKAGES ?= fonts-noto-color-emoji chromium fontconfig libfribidi0
 
-<<<<<<< HEAD
-.PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench faults clean
-=======
-.PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench docker-test clean
->>>>>>> issue-16
+.PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench faults docker-test clean
 
 help:
 	@echo "make demo   - set up .venv, build the emoji data, train, index and serve on http://127.0.0.1:$(PORT)"
 	@echo "make test   - install dev dependencies and system packages, run lint, types and the whole test suite"
 	@echo "make test-fast - the tests not marked slow (a loop of under two minutes for day-to-day work)"
 	@echo "make bench  - run the side-by-side benchmarks in benchmarks/"
-<<<<<<< HEAD
 	@echo "make faults - the fault suite (kill -9, reloads, fuzzing, slow clients, soak, full disk; docs/reliability.md)"
-=======
 	@echo "make docker-test - build the image and run the compose services for real (opt-in, ~10 minutes)"
->>>>>>> issue-16
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -83,16 +76,14 @@ bench: dev
 	$(BIN)/python benchmarks/index.py
 	$(BIN)/python benchmarks/serve.py
 
-<<<<<<< HEAD
 # About 50 minutes (a 30-minute soak included); `make faults FAULTS_ARGS=--quick` takes about 10.
 faults: dev
 	$(BIN)/python benchmarks/faults.py $(FAULTS_ARGS)
-=======
+
 # Opt-in, not part of `make test` or CI: builds the image and runs docker-compose.yml's services for real
 # (Docker where an engine exists, podman following the file where not; docs/docker.md, "How it is tested").
 docker-test: dev
 	nice -n 19 $(BIN)/python -m tests.ship.compose_run $(DOCKER_TEST_ARGS)
->>>>>>> issue-16
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
