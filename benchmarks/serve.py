@@ -84,7 +84,7 @@ def query_images(n: int = 8) -> list[bytes]:
         arr = np.clip(base + rng.normal(0, 12, (480, 640, 3)), 0, 255).astype(np.uint8)
         img = Image.fromarray(arr)
         ImageDraw.Draw(img).ellipse(
-            (100 + 20 * i, 80, 400, 380), fill=tuple(int(c) for c in rng.integers(0, 255, 3))
+            (100 + 20 * (i % 14), 80, 400, 380), fill=tuple(int(c) for c in rng.integers(0, 255, 3))
         )
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
