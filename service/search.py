@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from indexer.core.bundle.filters import Filter
 from indexer.core.bundle.items import Item
 from service.metrics import Metrics
 from service.schemas import SearchHit, Target
@@ -21,12 +23,19 @@ from service.state import ServiceState, Snapshot
 
 @dataclass(frozen=True)
 class SearchSpec:
-    """What to do with a query's embedding: the `k` best of `target` after `offset`, above `min_score`."""
+    """What to do with a query's embedding: the `k` best of `target` after `offset`, above `min_score`,
+    among the items `where` keeps."""
 
     target: Target
     k: int
     offset: int = 0
     min_score: float | None = None
+    where: Filter | None = None
+
+    @property
+    def group(self) -> tuple[Target, str]:
+        """Queries with the same group are searched in one FAISS call."""
+        return self.target, self.where.key if self.where is not None else ""
 
     @property
     def fetch(self) -> int:
@@ -61,6 +70,15 @@ def image_url(item_id: int) -> str:
     return f"/v1/items/{item_id}/image"
 
 
+def metadata(item: Item) -> dict[str, Any]:
+    """An item's metadata as `ItemMetadata`'s fields (lists of a user field as JSON lists)."""
+    user = {k: list(v) if isinstance(v, tuple) else v for k, v in item.fields.items()}
+    facts = {
+        k: getattr(item, k) for k in ("folder", "size", "mtime", "width", "height", "taken_at", "camera")
+    }
+    return {**facts, "fields": user}
+
+
 def to_hit(item: Item, score: float) -> SearchHit:
     if item.kind == "image":
         return SearchHit(
@@ -70,6 +88,7 @@ def to_hit(item: Item, score: float) -> SearchHit:
             caption=item.text,
             path=item.path,
             image_url=image_url(item.id),
+            **metadata(item),
         )
     return SearchHit(id=item.id, score=score, kind="text", text=item.text, path=item.path)
 
@@ -79,14 +98,15 @@ def _search(
 ) -> list[list[SearchHit] | None]:
     """Search each target once for all the queries that asked for it; -1 ids (k beyond the index) dropped."""
     found: list[list[tuple[int, float]] | None] = [None] * len(specs)
-    for target in ("images", "texts"):
-        rows = [i for i, s in enumerate(specs) if s is not None and s.target == target]
-        if not rows:
-            continue
+    groups = {s.group: s for s in specs if s is not None}
+    for group, first in groups.items():
+        rows = [i for i, s in enumerate(specs) if s is not None and s.group == group]
+        target, where = first.target, first.where
         fetch = min(
-            max(s.fetch for s in specs if s is not None and s.target == target), snap.bundle.count(target)
+            max(s.fetch for s in specs if s is not None and s.group == group),
+            snap.bundle.matching(target, where),
         )
-        scores, ids = snap.bundle.search(target, emb[rows], fetch)
+        scores, ids = snap.bundle.search(target, emb[rows], fetch, where)
         for row, i in enumerate(rows):
             spec = specs[i]
             assert spec is not None

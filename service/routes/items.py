@@ -16,7 +16,7 @@ from service.auth import require_api_key
 from service.deps import ServiceDep, mark_bundle
 from service.errors import ApiError
 from service.schemas import ItemResponse
-from service.search import image_url
+from service.search import image_url, metadata
 from service.state import Snapshot
 
 router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(require_api_key)])
@@ -39,7 +39,8 @@ def get_item(item_id: int, request: Request, service: ServiceDep) -> ItemRespons
         mark_bundle(request, snap.version)
         item = _item(snap, item_id)
         url = image_url(item.id) if item.kind == "image" else None
-        return ItemResponse(bundle=snap.version, image_url=url, **dataclasses.asdict(item))
+        row = {k: v for k, v in dataclasses.asdict(item).items() if k != "fields"}
+        return ItemResponse(bundle=snap.version, image_url=url, **{**row, **metadata(item)})
 
 
 def _safe_file(snap: Snapshot, item: Item) -> tuple[Path, os.stat_result]:

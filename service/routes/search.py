@@ -36,7 +36,7 @@ async def search_text(body: TextSearchRequest, request: Request, service: Servic
         raise ApiError(
             422, "query_too_long", f"query is {len(body.query):,} characters, over the limit of {limit:,}"
         )
-    spec = search_spec(body, service.settings)
+    spec = search_spec(body, service.settings, service.state)
     result = await service.texts.submit(TextJob(texts=[query], search=spec))
     return _response(request, result, start)
 
