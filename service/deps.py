@@ -50,7 +50,7 @@ def search_spec(params: SearchParams, settings: ServiceSettings, state: ServiceS
     if params.offset > settings.max_offset:
         raise ApiError(422, "invalid_request", f"offset must be between 0 and {settings.max_offset}")
     where = checked_filter(state, params.filter)
-    return SearchSpec(params.target, params.k, params.offset, params.min_score, where)
+    return SearchSpec(params.target, params.k, params.offset, params.min_score, where, params.dedup)
 
 
 def checked_filter(state: ServiceState, raw: object) -> Filter | None:

@@ -28,6 +28,13 @@ class SearchParams(BaseModel):
     target: Target = Field("images", description="Search the images or the texts of the bundle.")
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results scoring below this.")
     offset: int = Field(0, ge=0, description="Skip this many of the best results (paging).")
+    dedup: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Collapse results whose cosine similarity to a better result already returned is at "
+        "least this (e.g. 0.95: a burst of near-identical photos shows once).",
+    )
     filter: dict[str, Any] | None = Field(
         None,
         description="Keep only items whose metadata matches (docs/api.md, Filters), e.g. "
@@ -46,6 +53,31 @@ class TextSearchRequest(SearchParams):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     query: str = Field(description="The text to search with.", examples=["a red square"])
+
+
+class SearchTerm(BaseModel):
+    """One term of a combined query: exactly one of `text`, `item` (an id of the bundle) or `vector`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str | None = Field(None, description="A text, embedded by the bundle's model.")
+    item: int | None = Field(
+        None, ge=0, description="An item of the bundle (image or text): its stored vector."
+    )
+    vector: list[float] | None = Field(
+        None, description="A vector of the model's dimension (e.g. from /v1/embed)."
+    )
+    weight: float = Field(
+        1.0, ge=-100.0, le=100.0, description="Its weight in the sum; negative pushes results away from it."
+    )
+
+
+class QuerySearchRequest(SearchParams):
+    """`POST /v1/search`: the weighted sum of the terms' unit vectors, normalised, searched."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    terms: list[SearchTerm] = Field(min_length=1, max_length=16, description="The terms to combine.")
 
 
 class EmbedTextRequest(BaseModel):

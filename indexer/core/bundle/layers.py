@@ -81,6 +81,19 @@ class Layer:
         row_ids = np.asarray([r.id for r in rows], np.int64)
         return Table(row_ids, lambda name: [getattr(r, name) for r in rows], user)
 
+    def vectors(self, target: Target, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), d) float32: the stored vectors of `ids` in this layer's index of `target`."""
+        index = self.index(target)
+        wanted = np.asarray(ids, np.int64)
+        try:
+            return np.asarray(index.reconstruct_batch(wanted), np.float32)
+        except RuntimeError:  # an IVF index keeps no id -> list map until asked to
+            with self._lock:
+                ivf = faiss.extract_index_ivf(index)
+                if ivf.direct_map.type == faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+                    ivf.make_direct_map()
+            return np.asarray(index.reconstruct_batch(wanted), np.float32)
+
     def field_names(self) -> set[str]:
         """The user field names of this layer's items."""
         names = self.store.field_names() if self.store is not None else set()
@@ -177,6 +190,18 @@ class LayerStack:
             for value, n in facet_counts(table, name, np.isin(table.ids, subset.ids)).items():
                 total[value] = total.get(value, 0) + n
         return total
+
+    def vectors(self, target: Target, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), d) float32: the vectors the version serves for `ids` (items of `target`), each
+        from the newest layer owning it."""
+        dim = int(self.layers[0].index(target).d)
+        out = np.zeros((len(ids), dim), np.float32)
+        by_layer: dict[int, list[int]] = {}
+        for row, i in enumerate(ids):
+            by_layer.setdefault(self.owner.get(int(i), 0), []).append(row)
+        for pos, rows in by_layer.items():
+            out[rows] = self.layers[pos].vectors(target, [int(ids[r]) for r in rows])
+        return out
 
     def field_names(self) -> set[str]:
         """Every user field name an item of the version may have."""
