@@ -21,6 +21,7 @@ import httpx
 from pydantic import BaseModel
 
 from service.schemas import (
+    DuplicatesResponse,
     EmbedResponse,
     FacetsResponse,
     HealthResponse,
@@ -194,6 +195,13 @@ class _Calls:
         return _Call("GET", f"/v1/items/{int(item_id)}", _model(ItemResponse))
 
     @staticmethod
+    def duplicates(item_id: int, threshold: float) -> _Call[DuplicatesResponse]:
+        params = {"threshold": threshold}
+        return _Call(
+            "GET", f"/v1/items/{int(item_id)}/duplicates", _model(DuplicatesResponse), {"params": params}
+        )
+
+    @staticmethod
     def item_image(item_id: int) -> _Call[bytes]:
         return _Call("GET", f"/v1/items/{int(item_id)}/image", lambda r: r.content)
 
@@ -303,6 +311,9 @@ class Client(_Base):
     def item_image(self, item_id: int) -> bytes:
         return self._do(_Calls.item_image(item_id))
 
+    def duplicates(self, item_id: int, threshold: float = 0.95) -> DuplicatesResponse:
+        return self._do(_Calls.duplicates(item_id, threshold))
+
     def reload(self) -> ReloadResponse:
         return self._do(_Calls.reload())
 
@@ -406,6 +417,9 @@ class AsyncClient(_Base):
 
     async def item_image(self, item_id: int) -> bytes:
         return await self._do(_Calls.item_image(item_id))
+
+    async def duplicates(self, item_id: int, threshold: float = 0.95) -> DuplicatesResponse:
+        return await self._do(_Calls.duplicates(item_id, threshold))
 
     async def reload(self) -> ReloadResponse:
         return await self._do(_Calls.reload())

@@ -164,6 +164,21 @@ class ItemResponse(ItemMetadata):
     image_url: str | None = None
 
 
+class DuplicateMember(BaseModel):
+    id: int
+    path: str | None = None
+    score: float = Field(description="Cosine similarity to the group's first (lowest) id.")
+
+
+class DuplicatesResponse(BaseModel):
+    """`GET /v1/items/{id}/duplicates`: the item's near-duplicate group, lowest id first."""
+
+    bundle: str
+    id: int
+    threshold: float
+    group: list[DuplicateMember]
+
+
 class FacetValue(BaseModel):
     value: Any
     count: int

@@ -119,3 +119,21 @@ def test_collapse_keeps_the_first_of_each_group() -> None:
     pairs = [(10, 0.9), (11, 0.9), (12, 0.5), (13, 0.1)]
     assert collapse(pairs, v, 0.99) == [(10, 0.9), (12, 0.5), (13, 0.1)]
     assert collapse(pairs, v, 0.5) == [(10, 0.9), (13, 0.1)]
+
+
+def test_an_items_duplicates_are_its_copies(served: tuple[TestClient, Path]) -> None:
+    client, _ = served
+    hits = client.post("/v1/search/text", json={"query": "picture a", "k": 11}).json()["results"]
+    by_stem = {Path(h["path"]).stem: h["id"] for h in hits}
+    r = client.get(f"/v1/items/{by_stem['a-copy1']}/duplicates", params={"threshold": 0.9999})
+    assert r.status_code == 200, r.text
+    group = r.json()["group"]
+    assert sorted(Path(m["path"]).stem for m in group) == ["a", "a-copy0", "a-copy1", "a-copy2"]
+    assert [m["id"] for m in group] == sorted(m["id"] for m in group) and group[0]["score"] == pytest.approx(
+        1.0
+    )
+    alone = client.get(f"/v1/items/{by_stem['c']}/duplicates", params={"threshold": 0.9999}).json()["group"]
+    assert [m["id"] for m in alone] == [by_stem["c"]]
+    assert client.get(f"/v1/items/{by_stem['c']}/duplicates", params={"threshold": 2}).status_code == 422
+    cs = Client(http=client)
+    assert len(cs.duplicates(by_stem["b"], threshold=0.9999).group) == 3
