@@ -12,14 +12,18 @@ from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from indexer.core.errors import ClipsearchError
 
+# HEIC/HEIF (iPhone photos) through the maintained plug-in pillow-heif; AVIF is Pillow's own (>= 11.2).
+register_heif_opener()
+
 # Formats we decode. Anything else is refused before decoding (HTTP 415 on the service side).
-ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"})
 # File name endings a folder scan picks up.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".hif", ".avif"}
 )
 DEFAULT_MAX_PIXELS = 50_000_000
 
