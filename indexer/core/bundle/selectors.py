@@ -4,8 +4,8 @@ The ids go in as an `IDSelectorBitmap` through the index type's own search param
 (`SearchParameters` for flat, `SearchParametersIVF` with `nprobe`, `SearchParametersHNSW` with
 `efSearch`), so every result is an allowed id and no result is fetched only to be dropped. Where the
 subset is small (`EXACT_MAX`), a graph or list walk would pass too few allowed ids to fill `k`, so it
-is searched exactly instead: its vectors are read back from the index once (kept with the subset) and
-compared by one matrix product. Search-time knobs grow with 1 / selectivity so recall holds.
+is searched exactly instead: its vectors are read back from the index once into a flat index kept with
+the subset. Search-time knobs grow with 1 / selectivity so recall holds.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EXACT_MAX = 20_000  # subsets up to this many vectors are searched exactly
-EXACT_FRACTION = 0.02  # ... and any subset under this share of its index
+EXACT_MAX = 4096  # subsets up to this many vectors are searched exactly
+EXACT_FRACTION = 0.01  # ... and any subset under this share of its index
 MAX_EF = 4096
 PAD_ID = -1
 PAD_SCORE = float(-np.finfo(np.float32).max)  # what FAISS returns beside id -1
@@ -33,7 +33,7 @@ class Subset:
 
     ids: np.ndarray  # (m,) int64, ascending
     _bitmap: np.ndarray | None = None
-    _vectors: np.ndarray | None = None
+    _exact: faiss.IndexFlat | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __len__(self) -> int:
@@ -49,15 +49,18 @@ class Subset:
                 self._bitmap = np.packbits(bits, bitorder="little")
             return self._bitmap
 
-    def vectors(self, index: faiss.Index) -> np.ndarray | None:
-        """(m, d) float32 of the subset read back from `index`, or None when it cannot reconstruct."""
+    def exact(self, index: faiss.Index) -> faiss.IndexFlat | None:
+        """An exact inner-product index of the subset's vectors read back from `index` (row i is
+        `ids[i]`), made once; None when `index` cannot reconstruct them."""
         with self._lock:
-            if self._vectors is None:
+            if self._exact is None:
                 try:
-                    self._vectors = np.ascontiguousarray(index.reconstruct_batch(self.ids), np.float32)
+                    vectors = np.ascontiguousarray(index.reconstruct_batch(self.ids), np.float32)
                 except RuntimeError:
                     return None
-            return self._vectors
+                self._exact = faiss.IndexFlatIP(vectors.shape[1])
+                self._exact.add(vectors)
+            return self._exact
 
 
 def search_subset(
@@ -70,9 +73,10 @@ def search_subset(
     frac = len(subset) / max(int(index.ntotal), 1)
     ivf = _ivf(index)
     if ivf is None and (len(subset) <= EXACT_MAX or frac < EXACT_FRACTION) and not _is_flat(index):
-        vectors = subset.vectors(index)
-        if vectors is not None:
-            return exact_top_k(queries, vectors, subset.ids, k)
+        exact = subset.exact(index)
+        if exact is not None:  # FAISS, not numpy: one query stays on one thread (no BLAS thread wake-ups)
+            scores, pos = exact.search(queries, k)
+            return scores, np.where(pos >= 0, subset.ids[np.maximum(pos, 0)], PAD_ID)
     bitmap = subset.bitmap()
     sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
     params = _params(index, ivf, sel, frac, k)  # `sel` and `bitmap` live until the search returns
@@ -81,28 +85,6 @@ def search_subset(
         outer = faiss.SearchParametersPreTransform(index_params=params)  # type: ignore[call-arg]
     scores, ids = index.search(queries, k, params=outer)
     return scores, ids
-
-
-def exact_top_k(
-    queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Inner-product top-k of `queries` against `vectors` (row i has id `ids[i]`), best first."""
-    sims = queries @ vectors.T  # (n, m)
-    kk = min(k, sims.shape[1])
-    top = (
-        np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-        if kk < sims.shape[1]
-        else np.tile(np.arange(sims.shape[1]), (len(sims), 1))
-    )
-    part = np.take_along_axis(sims, top, axis=1)
-    order = np.argsort(-part, axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
-    scores = np.take_along_axis(sims, top, axis=1).astype(np.float32)
-    found = ids[top].astype(np.int64)
-    if kk < k:
-        scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=PAD_SCORE)
-        found = np.pad(found, ((0, 0), (0, k - kk)), constant_values=PAD_ID)
-    return scores, found
 
 
 def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
