@@ -194,3 +194,16 @@ def test_invalid_filters_name_the_field(raw, where) -> None:
         parse_filter(raw, {"category"})
     assert e.value.field == where
     assert str(e.value).startswith(f"filter.{where}" if where else "filter:")
+
+
+@pytest.mark.parametrize("exact_max", [0, 1_000_000])  # HNSW's own storage scanned / a kept flat copy
+def test_hnsw_exact_paths_match_brute_force(tmp_path, data, monkeypatch, exact_max) -> None:
+    from indexer.core.bundle import selectors
+
+    monkeypatch.setattr(selectors, "EXACT_MAX", exact_max)
+    x, items = data
+    stack = _stack(tmp_path, x, items, "hnsw", delta=200)
+    raw = {"folder": {"eq": "/photos/2021"}, "price": {"lt": 50}}  # 10% of the items
+    allowed = _keep(items, raw)
+    _, ids = stack.search("images", x[:20], 10, _search_index, stack.select("images", parse_filter(raw)))
+    assert np.array_equal(ids, _brute(x, x[:20], allowed, 10))

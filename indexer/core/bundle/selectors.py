@@ -3,9 +3,10 @@
 The ids go in as an `IDSelectorBitmap` through the index type's own search parameters
 (`SearchParameters` for flat, `SearchParametersIVF` with `nprobe`, `SearchParametersHNSW` with
 `efSearch`), so every result is an allowed id and no result is fetched only to be dropped. Where the
-subset is small (`EXACT_MAX`), a graph or list walk would pass too few allowed ids to fill `k`, so it
-is searched exactly instead: its vectors are read back from the index once into a flat index kept with
-the subset. Search-time knobs grow with 1 / selectivity so recall holds.
+subset is a small share of an HNSW index, a graph walk would pass too few allowed ids to fill `k`, so
+it is searched exactly instead: a few thousand vectors from a flat copy kept with the subset, more by
+scanning the index's own stored vectors with the selector (FAISS skips the others before computing a
+distance). Search-time knobs grow with 1 / selectivity so recall holds.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EXACT_MAX = 4096  # subsets up to this many vectors are searched exactly
-EXACT_FRACTION = 0.01  # ... and any subset under this share of its index
+EXACT_MAX = 4096  # subsets up to this many vectors are searched exactly, from a flat copy kept with them
+GRAPH_FRACTION = 0.2  # below this share of an HNSW index, its stored vectors are scanned exactly instead
 MAX_EF = 4096
 PAD_ID = -1
 PAD_SCORE = float(-np.finfo(np.float32).max)  # what FAISS returns beside id -1
@@ -72,12 +73,15 @@ def search_subset(
         return np.full((n, k), PAD_SCORE, np.float32), np.full((n, k), PAD_ID, np.int64)
     frac = len(subset) / max(int(index.ntotal), 1)
     ivf = _ivf(index)
-    if ivf is None and (len(subset) <= EXACT_MAX or frac < EXACT_FRACTION) and not _is_flat(index):
+    graph = ivf is None and not _is_flat(index)
+    if graph and len(subset) <= EXACT_MAX:
         exact = subset.exact(index)
         if exact is not None:  # FAISS, not numpy: one query stays on one thread (no BLAS thread wake-ups)
             scores, pos = exact.search(queries, k)
             return scores, np.where(pos >= 0, subset.ids[np.maximum(pos, 0)], PAD_ID)
     bitmap = subset.bitmap()
+    if graph and frac < GRAPH_FRACTION and (found := _scan_storage(index, queries, k, bitmap)) is not None:
+        return found
     sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
     params = _params(index, ivf, sel, frac, k)  # `sel` and `bitmap` live until the search returns
     outer = params
@@ -85,6 +89,22 @@ def search_subset(
         outer = faiss.SearchParametersPreTransform(index_params=params)  # type: ignore[call-arg]
     scores, ids = index.search(queries, k, params=outer)
     return scores, ids
+
+
+def _scan_storage(
+    index: faiss.Index, queries: np.ndarray, k: int, bitmap: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact search of an id-mapped HNSW index's own flat storage over the allowed ids only (FAISS skips
+    the others before computing a distance); None for any other layout."""
+    inner = _inner(index)
+    storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else None
+    if not isinstance(index, faiss.IndexIDMap) or not isinstance(storage, faiss.IndexFlat):
+        return None
+    sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+    by_position = faiss.IDSelectorTranslated(index.id_map, sel)  # type: ignore[arg-type]  # rows -> ids
+    scores, pos = storage.search(queries, k, params=faiss.SearchParameters(sel=by_position))  # type: ignore[call-arg]
+    id_map = faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size())  # a view, not a copy
+    return scores, np.where(pos >= 0, id_map[np.maximum(pos, 0)], PAD_ID)
 
 
 def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
