@@ -60,7 +60,8 @@ def _scratch_index(bundle: Bundle, ids: np.ndarray, dim: int) -> faiss.Index:
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(n, size=min(n, nlist * 64), replace=False))
+        sample = np.sort(rng.choice(n, size=min(n, nlist * 39), replace=False))  # FAISS's minimum per list
+        index.cp.niter = 10  # coarse lists only need to keep neighbours together, not be optimal
         index.train(bundle.stack.vectors("images", ids[sample].tolist()))
         index.nprobe = min(NPROBE, nlist)
     for _, vecs in _blocks(bundle, ids):

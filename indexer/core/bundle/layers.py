@@ -28,7 +28,7 @@ KIND_OF: dict[Target, ItemKind] = {"images": "image", "texts": "text"}
 PAD_SCORE = float(-np.finfo(np.float32).max)  # what FAISS returns beside id -1 when a row is short
 # One index's search: (index, queries, k, subset) -> (scores, ids); `subset` None searches every id.
 SearchFn = Callable[[faiss.Index, np.ndarray, int, Subset | None], tuple[np.ndarray, np.ndarray]]
-SELECTIONS_KEPT = 64  # filter results remembered per version (a page of results, the next page, ...)
+SELECTIONS_KEPT = 16  # filter results remembered per version (each with its exact copy, if any)
 
 
 @dataclass(eq=False)

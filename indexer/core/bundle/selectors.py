@@ -21,7 +21,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EXACT_MAX = 4096  # subsets up to this many vectors are searched exactly, from a flat copy kept with them
+EXACT_MAX = 65_536  # subsets up to this many vectors are searched exactly, from a flat copy kept with them
 GRAPH_FRACTION = 0.2  # below this share of an HNSW index, its stored vectors are scanned exactly instead
 MAX_EF = 4096
 PAD_ID = -1
