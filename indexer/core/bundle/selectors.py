@@ -73,14 +73,14 @@ def search_subset(
         return np.full((n, k), PAD_SCORE, np.float32), np.full((n, k), PAD_ID, np.int64)
     frac = len(subset) / max(int(index.ntotal), 1)
     ivf = _ivf(index)
-    graph = ivf is None and not _is_flat(index)
+    graph = ivf is None and not _is_flat(index) and frac < GRAPH_FRACTION  # a walk would find too few
     if graph and len(subset) <= EXACT_MAX:
         exact = subset.exact(index)
         if exact is not None:  # FAISS, not numpy: one query stays on one thread (no BLAS thread wake-ups)
             scores, pos = exact.search(queries, k)
             return scores, np.where(pos >= 0, subset.ids[np.maximum(pos, 0)], PAD_ID)
     bitmap = subset.bitmap()
-    if graph and frac < GRAPH_FRACTION and (found := _scan_storage(index, queries, k, bitmap)) is not None:
+    if graph and (found := _scan_storage(index, queries, k, bitmap)) is not None:
         return found
     sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
     params = _params(index, ivf, sel, frac, k)  # `sel` and `bitmap` live until the search returns
