@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
     from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[no-redef]
 
 # Importing each module registers its subcommand(s) on the shared app.
-from clipsearch.commands import bundles, data, demo, evaluate, index, model, serve, train  # noqa: F401
+from clipsearch.commands import bundles, data, demo, duplicates, evaluate, index, model, serve, train  # noqa: F401
 from clipsearch.commands.app import app
 
 

@@ -23,7 +23,7 @@ from service.batcher import MicroBatcher
 from service.deps import Service
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetricsMiddleware
-from service.routes import admin, embed, health, items, pages, search
+from service.routes import admin, embed, facets, health, items, pages, search
 from service.routes.pages import STATIC_DIR
 from service.schemas import ERROR_RESPONSES
 from service.search import BatchRunner, ImageJob, JobResult, TextJob
@@ -148,7 +148,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    for module in (health, search, embed, items, admin, pages):
+    for module in (health, search, embed, items, facets, admin, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Added inner to outer: the metrics middleware sees every answer, CORS headers reach errors too.

@@ -10,8 +10,9 @@ module needs only httpx and pydantic (no torch).
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
@@ -20,7 +21,9 @@ import httpx
 from pydantic import BaseModel
 
 from service.schemas import (
+    DuplicatesResponse,
     EmbedResponse,
+    FacetsResponse,
     HealthResponse,
     InfoResponse,
     ItemResponse,
@@ -89,6 +92,38 @@ def _search_form(k: int, target: Target, min_score: float | None, offset: int) -
     return form
 
 
+@dataclass(frozen=True)
+class Options:
+    """The search options beside k/target/min_score/offset: a metadata `filter` and a `dedup` threshold."""
+
+    filter: Mapping[str, Any] | None = None
+    dedup: float | None = None
+
+    def json(self) -> dict[str, Any]:
+        return {k: v for k, v in (("filter", self.filter), ("dedup", self.dedup)) if v is not None}
+
+    def form(self) -> dict[str, str]:
+        out = {"filter": json.dumps(self.filter)} if self.filter is not None else {}
+        return out | ({"dedup": repr(float(self.dedup))} if self.dedup is not None else {})
+
+
+# A term of `search`: a text, an item id, a vector, or any of them with a weight as a (term, weight) pair.
+Term = str | int | Sequence[float] | tuple[str | int | Sequence[float], float]
+
+
+def _term(term: Term) -> dict[str, Any]:
+    """`"beach"`, `123`, `[0.1, ...]`, or `("people", -0.5)` / `(123, 0.7)` -> the API's term object."""
+    weight = 1.0
+    what: Any = term
+    if isinstance(term, tuple) and len(term) == 2 and not isinstance(term[0], float):
+        what, weight = term[0], float(term[1])  # (term, weight); a vector is a list or an array
+    if isinstance(what, str):
+        return {"text": what, "weight": weight}
+    if isinstance(what, int):
+        return {"item": what, "weight": weight}
+    return {"vector": [float(x) for x in what], "weight": weight}
+
+
 class _Calls:
     """The API, endpoint by endpoint (docs/api.md)."""
 
@@ -110,18 +145,41 @@ class _Calls:
 
     @staticmethod
     def search_text(
-        query: str, k: int, target: Target, min_score: float | None, offset: int
+        query: str, k: int, target: Target, min_score: float | None, offset: int, opts: Options
     ) -> _Call[SearchResponse]:
         body = {"query": query, "k": k, "target": target, "min_score": min_score, "offset": offset}
-        return _Call("POST", "/v1/search/text", _model(SearchResponse), {"json": body})
+        return _Call("POST", "/v1/search/text", _model(SearchResponse), {"json": {**body, **opts.json()}})
+
+    @staticmethod
+    def search(
+        terms: Sequence[Term], k: int, target: Target, min_score: float | None, offset: int, opts: Options
+    ) -> _Call[SearchResponse]:
+        body = {"terms": [_term(t) for t in terms], "k": k, "target": target, "offset": offset}
+        body |= {"min_score": min_score, **opts.json()}
+        return _Call("POST", "/v1/search", _model(SearchResponse), {"json": body})
 
     @staticmethod
     def search_image(
-        image: ImageInput, k: int, target: Target, min_score: float | None, offset: int, filename: str | None
+        image: ImageInput,
+        k: int,
+        target: Target,
+        min_score: float | None,
+        offset: int,
+        filename: str | None,
+        opts: Options,
     ) -> _Call[SearchResponse]:
         files = {"file": _image_file(image, filename)}
-        data = _search_form(k, target, min_score, offset)
+        data = _search_form(k, target, min_score, offset) | opts.form()
         return _Call("POST", "/v1/search/image", _model(SearchResponse), {"files": files, "data": data})
+
+    @staticmethod
+    def facets(
+        field: str, target: Target, filter: Mapping[str, Any] | None, limit: int
+    ) -> _Call[FacetsResponse]:
+        params: dict[str, str | int] = {"field": field, "target": target, "limit": limit}
+        if filter is not None:
+            params["filter"] = json.dumps(filter)
+        return _Call("GET", "/v1/facets", _model(FacetsResponse), {"params": params})
 
     @staticmethod
     def embed_texts(texts: Sequence[str]) -> _Call[EmbedResponse]:
@@ -135,6 +193,13 @@ class _Calls:
     @staticmethod
     def item(item_id: int) -> _Call[ItemResponse]:
         return _Call("GET", f"/v1/items/{int(item_id)}", _model(ItemResponse))
+
+    @staticmethod
+    def duplicates(item_id: int, threshold: float) -> _Call[DuplicatesResponse]:
+        params = {"threshold": threshold}
+        return _Call(
+            "GET", f"/v1/items/{int(item_id)}/duplicates", _model(DuplicatesResponse), {"params": params}
+        )
 
     @staticmethod
     def item_image(item_id: int) -> _Call[bytes]:
@@ -194,8 +259,25 @@ class Client(_Base):
         target: Target = "images",
         min_score: float | None = None,
         offset: int = 0,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        dedup: float | None = None,
     ) -> SearchResponse:
-        return self._do(_Calls.search_text(query, k, target, min_score, offset))
+        return self._do(_Calls.search_text(query, k, target, min_score, offset, Options(filter, dedup)))
+
+    def search(
+        self,
+        terms: Sequence[Term],
+        k: int = 10,
+        target: Target = "images",
+        min_score: float | None = None,
+        offset: int = 0,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        dedup: float | None = None,
+    ) -> SearchResponse:
+        """Query arithmetic: `search(["beach", ("people", -0.5), (123, 0.7)])` (texts, item ids, vectors)."""
+        return self._do(_Calls.search(terms, k, target, min_score, offset, Options(filter, dedup)))
 
     def search_image(
         self,
@@ -205,8 +287,17 @@ class Client(_Base):
         min_score: float | None = None,
         offset: int = 0,
         filename: str | None = None,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        dedup: float | None = None,
     ) -> SearchResponse:
-        return self._do(_Calls.search_image(image, k, target, min_score, offset, filename))
+        opts = Options(filter, dedup)
+        return self._do(_Calls.search_image(image, k, target, min_score, offset, filename, opts))
+
+    def facets(
+        self, field: str, target: Target = "images", filter: Mapping[str, Any] | None = None, limit: int = 50
+    ) -> FacetsResponse:
+        return self._do(_Calls.facets(field, target, filter, limit))
 
     def embed_texts(self, texts: Sequence[str]) -> EmbedResponse:
         return self._do(_Calls.embed_texts(texts))
@@ -219,6 +310,9 @@ class Client(_Base):
 
     def item_image(self, item_id: int) -> bytes:
         return self._do(_Calls.item_image(item_id))
+
+    def duplicates(self, item_id: int, threshold: float = 0.95) -> DuplicatesResponse:
+        return self._do(_Calls.duplicates(item_id, threshold))
 
     def reload(self) -> ReloadResponse:
         return self._do(_Calls.reload())
@@ -272,8 +366,25 @@ class AsyncClient(_Base):
         target: Target = "images",
         min_score: float | None = None,
         offset: int = 0,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        dedup: float | None = None,
     ) -> SearchResponse:
-        return await self._do(_Calls.search_text(query, k, target, min_score, offset))
+        return await self._do(_Calls.search_text(query, k, target, min_score, offset, Options(filter, dedup)))
+
+    async def search(
+        self,
+        terms: Sequence[Term],
+        k: int = 10,
+        target: Target = "images",
+        min_score: float | None = None,
+        offset: int = 0,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        dedup: float | None = None,
+    ) -> SearchResponse:
+        """Query arithmetic: `search(["beach", ("people", -0.5), (123, 0.7)])` (texts, item ids, vectors)."""
+        return await self._do(_Calls.search(terms, k, target, min_score, offset, Options(filter, dedup)))
 
     async def search_image(
         self,
@@ -283,8 +394,17 @@ class AsyncClient(_Base):
         min_score: float | None = None,
         offset: int = 0,
         filename: str | None = None,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        dedup: float | None = None,
     ) -> SearchResponse:
-        return await self._do(_Calls.search_image(image, k, target, min_score, offset, filename))
+        opts = Options(filter, dedup)
+        return await self._do(_Calls.search_image(image, k, target, min_score, offset, filename, opts))
+
+    async def facets(
+        self, field: str, target: Target = "images", filter: Mapping[str, Any] | None = None, limit: int = 50
+    ) -> FacetsResponse:
+        return await self._do(_Calls.facets(field, target, filter, limit))
 
     async def embed_texts(self, texts: Sequence[str]) -> EmbedResponse:
         return await self._do(_Calls.embed_texts(texts))
@@ -297,6 +417,9 @@ class AsyncClient(_Base):
 
     async def item_image(self, item_id: int) -> bytes:
         return await self._do(_Calls.item_image(item_id))
+
+    async def duplicates(self, item_id: int, threshold: float = 0.95) -> DuplicatesResponse:
+        return await self._do(_Calls.duplicates(item_id, threshold))
 
     async def reload(self) -> ReloadResponse:
         return await self._do(_Calls.reload())

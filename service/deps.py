@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from indexer.core.bundle.filters import Filter, FilterError
 from indexer.core.images import DecodeOptions
 from service.batcher import MicroBatcher
 from service.errors import ApiError
@@ -42,13 +43,26 @@ def mark_bundle(request: Request, version: str) -> None:
     request.state.bundle_version = version
 
 
-def search_spec(params: SearchParams, settings: ServiceSettings) -> SearchSpec:
-    """Check the bounds that are settings (not schema constants) and build the spec."""
+def search_spec(params: SearchParams, settings: ServiceSettings, state: ServiceState) -> SearchSpec:
+    """Check the bounds that are settings (not schema constants) and the filter, and build the spec."""
     if params.k > settings.max_k:
         raise ApiError(422, "invalid_request", f"k must be between 1 and {settings.max_k}, got {params.k}")
     if params.offset > settings.max_offset:
         raise ApiError(422, "invalid_request", f"offset must be between 0 and {settings.max_offset}")
-    return SearchSpec(target=params.target, k=params.k, offset=params.offset, min_score=params.min_score)
+    where = checked_filter(state, params.filter)
+    return SearchSpec(params.target, params.k, params.offset, params.min_score, where, params.dedup)
+
+
+def checked_filter(state: ServiceState, raw: object) -> Filter | None:
+    """The request's `filter`, parsed and checked against the served bundle's fields (422 naming the
+    field when it is wrong); None when there is none."""
+    if raw is None:
+        return None
+    with state.lease() as snap:
+        try:
+            return snap.bundle.parse_filter(raw)
+        except FilterError as e:
+            raise ApiError(422, "invalid_filter", str(e)) from e
 
 
 def require_json(request: Request) -> None:

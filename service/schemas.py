@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +28,19 @@ class SearchParams(BaseModel):
     target: Target = Field("images", description="Search the images or the texts of the bundle.")
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results scoring below this.")
     offset: int = Field(0, ge=0, description="Skip this many of the best results (paging).")
+    dedup: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Collapse results whose cosine similarity to a better result already returned is at "
+        "least this (e.g. 0.95: a burst of near-identical photos shows once).",
+    )
+    filter: dict[str, Any] | None = Field(
+        None,
+        description="Keep only items whose metadata matches (docs/api.md, Filters), e.g. "
+        '{"path": {"prefix": "/photos/2024/"}, "taken_at": {"gte": "2024-06-01"}}; on the multipart '
+        "image search, the same object JSON-encoded.",
+    )
 
 
 class TextSearchRequest(SearchParams):
@@ -40,6 +53,31 @@ class TextSearchRequest(SearchParams):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     query: str = Field(description="The text to search with.", examples=["a red square"])
+
+
+class SearchTerm(BaseModel):
+    """One term of a combined query: exactly one of `text`, `item` (an id of the bundle) or `vector`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str | None = Field(None, description="A text, embedded by the bundle's model.")
+    item: int | None = Field(
+        None, ge=0, description="An item of the bundle (image or text): its stored vector."
+    )
+    vector: list[float] | None = Field(
+        None, description="A vector of the model's dimension (e.g. from /v1/embed)."
+    )
+    weight: float = Field(
+        1.0, ge=-100.0, le=100.0, description="Its weight in the sum; negative pushes results away from it."
+    )
+
+
+class QuerySearchRequest(SearchParams):
+    """`POST /v1/search`: the weighted sum of the terms' unit vectors, normalised, searched."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    terms: list[SearchTerm] = Field(min_length=1, max_length=16, description="The terms to combine.")
 
 
 class EmbedTextRequest(BaseModel):
@@ -72,8 +110,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-class SearchHit(BaseModel):
-    """One result. Images carry `caption` (their first caption, if any) and `image_url`; texts `text`."""
+class ItemMetadata(BaseModel):
+    """What the indexer recorded about an image (docs/indexing.md, "Metadata"); null when unknown."""
+
+    folder: str | None = None
+    size: int | None = Field(default=None, description="Bytes of the image file.")
+    mtime: float | None = Field(default=None, description="Modification time, seconds since the epoch.")
+    width: int | None = None
+    height: int | None = None
+    taken_at: float | None = Field(default=None, description="EXIF capture time, seconds since the epoch.")
+    camera: str | None = Field(default=None, description="EXIF camera make and model.")
+    fields: dict[str, Any] = Field(
+        default_factory=dict, description="User fields (CSV/JSONL columns, sidecar)."
+    )
+
+
+class SearchHit(ItemMetadata):
+    """One result. Images carry `caption` (their first caption, if any), `image_url` and their metadata;
+    texts `text`."""
 
     id: int
     score: float = Field(description="Cosine similarity to the query, in [-1, 1].")
@@ -98,7 +152,7 @@ class EmbedResponse(BaseModel):
     embeddings: list[list[float]] = Field(description="(n, dim) L2-normalised vectors, one per input.")
 
 
-class ItemResponse(BaseModel):
+class ItemResponse(ItemMetadata):
     """`GET /v1/items/{id}`: one row of the bundle's items."""
 
     bundle: str
@@ -106,12 +160,39 @@ class ItemResponse(BaseModel):
     kind: Literal["image", "text"]
     path: str | None = None
     text: str | None = None
-    size: int | None = None
-    mtime: float | None = None
     sha256: str | None = None
-    width: int | None = None
-    height: int | None = None
     image_url: str | None = None
+
+
+class DuplicateMember(BaseModel):
+    id: int
+    path: str | None = None
+    score: float = Field(description="Cosine similarity to the group's first (lowest) id.")
+
+
+class DuplicatesResponse(BaseModel):
+    """`GET /v1/items/{id}/duplicates`: the item's near-duplicate group, lowest id first."""
+
+    bundle: str
+    id: int
+    threshold: float
+    group: list[DuplicateMember]
+
+
+class FacetValue(BaseModel):
+    value: Any
+    count: int
+
+
+class FacetsResponse(BaseModel):
+    """`GET /v1/facets`: how many items have each value of one field, most common first."""
+
+    bundle: str
+    field: str
+    target: Target
+    matching: int = Field(description="Items of the target the filter keeps (all of them without one).")
+    values: list[FacetValue]
+    truncated: bool = Field(description="More distinct values exist than `limit` returned.")
 
 
 class ModelInfoResponse(BaseModel):

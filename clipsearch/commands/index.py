@@ -71,6 +71,13 @@ def index_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (fp16 on GPU).")] = "auto",
     image_column: Annotated[str, typer.Option(help="CSV/JSONL column with the image path.")] = "filepath",
     caption_column: Annotated[str, typer.Option(help="CSV/JSONL column with the caption.")] = "caption",
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Leave out paths matching this glob, or with a folder or file name matching it "
+            "(repeatable), e.g. --exclude node_modules --exclude '*/cache/*'."
+        ),
+    ] = None,
     max_pixels: Annotated[
         int, typer.Option(help="Skip images whose header declares more pixels.")
     ] = 50_000_000,
@@ -114,7 +121,9 @@ def index_command(
             raise BadOption(f"--settle must be more than 0 seconds, got {settle}")
         cfg = ReindexConfig(
             model_dir=resolve_model_dir(ModelReference(model, pretrained), bundles / WORK_DIR),
-            source=SourceSpec(images, image_column=image_column, caption_column=caption_column),
+            source=SourceSpec(
+                images, image_column=image_column, caption_column=caption_column, exclude=tuple(exclude or ())
+            ),
             bundles_dir=bundles,
             texts_file=texts,
             index=IndexConfig(

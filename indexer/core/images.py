@@ -6,19 +6,24 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from indexer.core.errors import ClipsearchError
 
+# HEIC/HEIF (iPhone photos) through the maintained plug-in pillow-heif; AVIF is Pillow's own (>= 11.2).
+register_heif_opener()
+
 # Formats we decode. Anything else is refused before decoding (HTTP 415 on the service side).
-ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"})
 # File name endings a folder scan picks up.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".hif", ".avif"}
 )
 DEFAULT_MAX_PIXELS = 50_000_000
 
@@ -126,8 +131,77 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@dataclass(frozen=True)
+class PhotoFacts:
+    """What a photo's EXIF says about it: capture time (seconds since the epoch; EXIF without an offset
+    is read as UTC) and camera (make and model)."""
+
+    taken_at: float | None = None
+    camera: str | None = None
+
+
+_EXIF_IFD = 0x8769
+_DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _DATETIME = 36867, 36881, 306
+_MAKE, _MODEL = 271, 272
+
+
+def _exif_text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    text = str(value).replace("\x00", "").strip() if value is not None else ""
+    return text or None
+
+
+def _exif_time(stamp: str | None, offset: str | None) -> float | None:
+    if not stamp:
+        return None
+    try:
+        moment = datetime.strptime(stamp[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+    zone = UTC
+    if offset and len(offset) == 6 and offset[0] in "+-":
+        try:
+            hours, minutes = int(offset[1:3]), int(offset[4:6])
+            zone = timezone((-1 if offset[0] == "-" else 1) * timedelta(hours=hours, minutes=minutes))
+        except ValueError:
+            zone = UTC
+    return moment.replace(tzinfo=zone).timestamp()
+
+
+def photo_facts(img: Image.Image) -> PhotoFacts:
+    """Capture time and camera from an opened image's EXIF (its header only; no pixels are decoded)."""
+    try:
+        exif = img.getexif()
+        sub = exif.get_ifd(_EXIF_IFD)
+    except Exception:  # a damaged EXIF block costs its facts, never the image
+        return PhotoFacts()
+    stamp = _exif_text(sub.get(_DATETIME_ORIGINAL)) or _exif_text(exif.get(_DATETIME))
+    make, model = _exif_text(exif.get(_MAKE)), _exif_text(exif.get(_MODEL))
+    camera = (
+        model if not make or (model and model.lower().startswith(make.lower())) else f"{make} {model or ''}"
+    )
+    return PhotoFacts(
+        _exif_time(stamp, _exif_text(sub.get(_OFFSET_ORIGINAL))), camera.strip() if camera else None
+    )
+
+
+def read_photo_facts(source: Source, options: DecodeOptions = DecodeOptions()) -> PhotoFacts:
+    """`photo_facts` of a file or bytes, from the header (the checks of `probe` apply)."""
+    img = probe(source, options)
+    try:
+        return photo_facts(img)
+    finally:
+        img.close()
+
+
 def load_image(source: Source, options: DecodeOptions = DecodeOptions()) -> Image.Image:
-    """Decode an image to 8-bit RGB the same way everywhere.
+    """Decode an image to 8-bit RGB the same way everywhere (`load_photo` also returns its EXIF facts)."""
+    return load_photo(source, options)[0]
+
+
+def load_photo(source: Source, options: DecodeOptions = DecodeOptions()) -> tuple[Image.Image, PhotoFacts]:
+    """Decode an image to 8-bit RGB the same way everywhere, with its `PhotoFacts`.
 
     Checks the format allow-list and the pixel cap from the header before decoding, takes the first
     frame of animations, applies EXIF orientation, composites transparency on white and scales
@@ -141,11 +215,12 @@ def load_image(source: Source, options: DecodeOptions = DecodeOptions()) -> Imag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            facts = photo_facts(img)
             if getattr(img, "is_animated", False):
                 img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
+            return _to_rgb(img), facts
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:

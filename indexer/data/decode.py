@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from indexer.core.errors import ClipsearchError
-from indexer.core.images import DEFAULT_MAX_PIXELS, DecodeOptions, ImageError, load_image
+from indexer.core.images import DEFAULT_MAX_PIXELS, DecodeOptions, ImageError, PhotoFacts, load_photo
 from indexer.data.sources import Record
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Decoded:
     pixels: torch.Tensor | None = None
     size: tuple[int, int] | None = None  # (width, height) of the decoded image
     error: tuple[str, str] | None = None  # (code, message); code as in `ImageError`
+    facts: PhotoFacts | None = None  # EXIF capture time and camera
 
 
 class _DecodeDataset(Dataset[Decoded]):
@@ -46,8 +47,8 @@ class _DecodeDataset(Dataset[Decoded]):
 
     def __getitem__(self, pos: int) -> Decoded:
         try:
-            img = load_image(self.records[pos].image_source(), self.options)
-            return Decoded(pos, self.transform(img), img.size)
+            img, facts = load_photo(self.records[pos].image_source(), self.options)
+            return Decoded(pos, self.transform(img), img.size, facts=facts)
         except ImageError as e:
             return Decoded(pos, error=(e.code, e.message))
         except OSError as e:

@@ -7,18 +7,26 @@ use the same readers, so a source that trains also indexes.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
+import logging
 import os
+import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from braceexpand import braceexpand
 
+from indexer.core.bundle.items import BUILTIN_FIELDS, FieldValue, UserFields
 from indexer.core.errors import ClipsearchError
 from indexer.core.images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+RESERVED_FIELDS = frozenset({*BUILTIN_FIELDS, "any", "id", "kind", "text", "sha256"})
 
 DEFAULT_IMAGE_COLUMN = "filepath"
 DEFAULT_CAPTION_COLUMN = "caption"
@@ -43,7 +51,7 @@ class Record:
     path: Path | None = None
     shard: Path | None = None
     member: str | None = None
-    extra: dict[str, str] = field(default_factory=dict, compare=False)
+    extra: UserFields = field(default_factory=dict, compare=False)  # user fields (extra columns, sidecar)
 
     def image_source(self) -> Path | bytes:
         """What the image decoder reads: the file's path, or a shard member's bytes.
@@ -88,6 +96,34 @@ class SourceSpec:
     source: str
     image_column: str = DEFAULT_IMAGE_COLUMN
     caption_column: str = DEFAULT_CAPTION_COLUMN
+    exclude: tuple[str, ...] = ()  # globs (`--exclude`): a path or any of its names matching one is left out
+
+
+def excluded(parts: Sequence[str], patterns: Sequence[str]) -> bool:
+    """True when the relative path `parts` (or any one name in it) matches one of `patterns`."""
+    if not patterns:
+        return False
+    joined = "/".join(parts)
+    return any(
+        fnmatch.fnmatchcase(joined, p) or any(fnmatch.fnmatchcase(x, p) for x in parts) for p in patterns
+    )
+
+
+def _drop_excluded(records: list[Record], patterns: Sequence[str], base: Path) -> list[Record]:
+    """Records of a table, JSONL or shard source without those `patterns` exclude (matched on the path
+    relative to the source's folder when it lies below it, else on the whole path)."""
+    if not patterns:
+        return records
+    keep = []
+    for rec in records:
+        where = rec.member if rec.member is not None else rec.key
+        try:
+            rel = Path(where).relative_to(base) if rec.member is None else Path(where)
+        except ValueError:
+            rel = Path(where)
+        if not excluded([p for p in rel.parts if p != "/"], patterns):
+            keep.append(rec)
+    return keep
 
 
 def read_records(spec: SourceSpec) -> list[Record]:
@@ -98,20 +134,21 @@ def read_records(spec: SourceSpec) -> list[Record]:
     """
     src = spec.source
     if "{" in src or src.endswith(".tar"):
-        return list(iter_shards(_expand_shards(src)))
+        return _drop_excluded(list(iter_shards(_expand_shards(src))), spec.exclude, Path("."))
     path = Path(src)
     if not path.exists():
         raise DataError(f"{src} does not exist")
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
         if shards and not any(_is_image(p) for p in path.rglob("*")):
-            return list(iter_shards(shards))
-        return list(iter_folder(path))
+            return _drop_excluded(list(iter_shards(shards)), spec.exclude, path)
+        return list(iter_folder(path, spec.exclude))
     suffix = path.suffix.lower()
+    base = path.parent.resolve()
     if suffix in (".csv", ".tsv"):
-        return read_table(path, spec.image_column, spec.caption_column)
+        return _drop_excluded(read_table(path, spec.image_column, spec.caption_column), spec.exclude, base)
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return read_jsonl(path, spec.image_column, spec.caption_column)
+        return _drop_excluded(read_jsonl(path, spec.image_column, spec.caption_column), spec.exclude, base)
     raise DataError(f"{src}: unknown source kind; use a folder, .csv/.tsv, .jsonl or .tar shards")
 
 
@@ -141,13 +178,79 @@ def _pick_column(found: Sequence[str], wanted: str, fallbacks: Sequence[str], wh
     )
 
 
-def _group(rows: Iterator[tuple[Path, str]]) -> list[Record]:
+def _group(rows: Iterable[tuple[Path, str, UserFields]]) -> list[Record]:
+    """One record per path: its captions in order, its user fields (a later row adds, never replaces)."""
     captions: dict[Path, list[str]] = {}
-    for path, caption in rows:
+    extras: dict[Path, dict[str, Any]] = {}
+    for path, caption, extra in rows:
         caps = captions.setdefault(path, [])
         if caption and caption not in caps:
             caps.append(caption)
-    return [Record(key=str(p), captions=tuple(c), path=p) for p, c in captions.items()]
+        mine = extras.setdefault(path, {})
+        mine.update((k, v) for k, v in extra.items() if k not in mine)
+    return [Record(key=str(p), captions=tuple(c), path=p, extra=extras[p]) for p, c in captions.items()]
+
+
+_INT = re.compile(r"^[+-]?\d{1,18}$")
+
+
+def _as_number(text: str) -> int | float | None:
+    if _INT.match(text):
+        return int(text)
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _typed_columns(rows: Sequence[Mapping[str, str | None]], names: Sequence[str]) -> dict[str, type]:
+    """Each column's type: int or float when every non-empty value reads as one, else str."""
+    out: dict[str, type] = {}
+    for name in names:
+        values = [v.strip() for r in rows if (v := r.get(name)) and v.strip()]
+        numbers = [_as_number(v) for v in values]
+        if values and all(isinstance(n, int) for n in numbers):
+            out[name] = int
+        elif values and all(n is not None for n in numbers):
+            out[name] = float
+        else:
+            out[name] = str
+    return out
+
+
+def user_fields(obj: Mapping[str, Any], where: str, skip: Collection[str] = ()) -> dict[str, Any]:
+    """A JSON object's values as typed user fields: scalars (booleans as 0/1), lists of scalars as
+    tuples, nested objects flattened to `a.b`; null and empty values left out, and so are `skip` and
+    the built-in names (logged: a user field may not shadow `path`, `size`, ...)."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = str(key)
+        if name in skip or value is None:
+            continue
+        if name in RESERVED_FIELDS:
+            log.warning("%s: field %r has a built-in name; it is not kept as a user field", where, name)
+            continue
+        if isinstance(value, Mapping):
+            nested = user_fields({f"{name}.{k}": v for k, v in value.items()}, where)
+            out.update(nested)
+        elif isinstance(value, list):
+            items = tuple(_scalar(v) for v in value if _scalar(v) is not None)
+            if items:
+                out[name] = items if len(items) > 1 else items[0]
+        elif (scalar := _scalar(value)) is not None:
+            out[name] = scalar
+    return out
+
+
+def _scalar(value: Any) -> FieldValue | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    return None
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -164,17 +267,28 @@ def read_table(path: Path, image_column: str, caption_column: str) -> list[Recor
     img_col = _pick_column(found, image_column, IMAGE_FALLBACKS, "image", path)
     cap_col = _pick_column(found, caption_column, CAPTION_FALLBACKS, "caption", path)
     base = path.parent.resolve()
+    rows = [row for row in reader if (row.get(img_col) or "").strip()]
+    others = [c for c in found if c not in (img_col, cap_col)]
+    types = _typed_columns(rows, others)
     return _group(
-        (_resolve(base, row[img_col]), (row.get(cap_col) or "").strip())
-        for row in reader
-        if (row.get(img_col) or "").strip()
+        (_resolve(base, row[img_col]), (row.get(cap_col) or "").strip(), _row_fields(row, types, path))
+        for row in rows
     )
+
+
+def _row_fields(row: Mapping[str, str | None], types: Mapping[str, type], where: Path) -> dict[str, Any]:
+    typed: dict[str, Any] = {}
+    for name, kind in types.items():
+        text = (row.get(name) or "").strip()
+        if text:
+            typed[name] = text if kind is str else kind(_as_number(text))
+    return user_fields(typed, str(where))
 
 
 def read_jsonl(path: Path, image_column: str, caption_column: str) -> list[Record]:
     """One JSON object per line; the caption field may be a string or a list of strings."""
     base = path.parent.resolve()
-    rows: list[tuple[Path, str]] = []
+    rows: list[tuple[Path, str, UserFields]] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -190,11 +304,12 @@ def read_jsonl(path: Path, image_column: str, caption_column: str) -> list[Recor
             (c for c in (caption_column, "captions", *CAPTION_FALLBACKS) if c in obj), caption_column
         )
         caps = obj.get(cap_col) or []
+        extra = user_fields(obj, f"{path}:{n}", skip=(img_col, cap_col))
         for cap in [caps] if isinstance(caps, str) else caps:
-            rows.append((_resolve(base, str(obj[img_col])), str(cap).strip()))
+            rows.append((_resolve(base, str(obj[img_col])), str(cap).strip(), extra))
         if not caps:
-            rows.append((_resolve(base, str(obj[img_col])), ""))
-    return _group(iter(rows))
+            rows.append((_resolve(base, str(obj[img_col])), "", extra))
+    return _group(rows)
 
 
 def _read_caption_file(path: Path) -> tuple[str, ...]:
@@ -202,8 +317,12 @@ def _read_caption_file(path: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
 
 
-def _walk_files(root: Path) -> dict[tuple[str, ...], str]:
-    """Relative parts -> path of every file below `root`, skipping hidden names and what is below them.
+def _walk_files(
+    root: Path, exclude: Sequence[str] = (), under: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], str]:
+    """Relative parts -> path of every file below `root`, skipping hidden names and what is below them,
+    and what `exclude` matches (a matching folder is not entered). `under`: `root`'s own parts below the
+    source folder, so that `exclude` sees whole relative paths.
 
     One `scandir` per folder, whose listing tells files from folders without a `stat` per file (the
     cost of `rglob` + `is_file` on a large collection). Like `rglob`, symlinked folders are not
@@ -216,7 +335,7 @@ def _walk_files(root: Path) -> dict[tuple[str, ...], str]:
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.name.startswith("."):
+                    if entry.name.startswith(".") or excluded((*under, *rel, entry.name), exclude):
                         continue
                     if entry.is_dir(follow_symlinks=False):
                         todo.append(((*rel, entry.name), entry.path))
@@ -234,19 +353,47 @@ def _is_file(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def iter_folder(root: Path) -> Iterator[Record]:
-    """Every image below `root` (recursive, extension allow-list, hidden files skipped), sorted by path.
+def iter_folder(root: Path, exclude: Sequence[str] = ()) -> Iterator[Record]:
+    """Every image below `root` (recursive, extension allow-list, hidden files and `exclude` skipped),
+    sorted by path.
 
-    The caption of `a/b.jpg` is `a/b.txt` (one caption per line) when it exists.
+    The caption of `a/b.jpg` is `a/b.txt` (one caption per line) when it exists; its user fields are the
+    JSON object in `a/b.json` or `a/b.jpg.json` (a sidecar).
     """
-    files = _walk_files(root.resolve())
+    files = _walk_files(root.resolve(), exclude)
     for rel in sorted(files):  # the order of `sorted(Path...)`: part by part
         stem, ext = os.path.splitext(rel[-1])
         if ext.lower() not in IMAGE_EXTENSIONS:
             continue
         caption = files.get((*rel[:-1], stem + ".txt"))
         captions = _read_caption_file(Path(caption)) if caption is not None else ()
-        yield Record(key=files[rel], captions=captions, path=Path(files[rel]))
+        sidecar = next(
+            (
+                files[(*rel[:-1], os.path.basename(p))]
+                for p in _sidecars(rel[-1])
+                if (*rel[:-1], os.path.basename(p)) in files
+            ),
+            None,
+        )
+        extra = _read_sidecar(Path(sidecar)) if sidecar is not None else {}
+        yield Record(key=files[rel], captions=captions, path=Path(files[rel]), extra=extra)
+
+
+def _sidecars(image: str) -> tuple[str, str]:
+    return os.path.splitext(image)[0] + ".json", image + ".json"
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    """The user fields of a sidecar `.json`; an unreadable or non-object one is logged and ignored."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("%s: not a readable JSON sidecar (%s); its fields are not kept", path, e)
+        return {}
+    if not isinstance(obj, dict):
+        log.warning("%s: a sidecar must hold a JSON object; its fields are not kept", path)
+        return {}
+    return user_fields(obj, str(path))
 
 
 @dataclass(frozen=True)
@@ -263,7 +410,7 @@ class FolderChanges:
     prefixes: set[str]
 
 
-def folder_changes(root: Path, paths: Iterable[str | Path]) -> FolderChanges:
+def folder_changes(root: Path, paths: Iterable[str | Path], exclude: Sequence[str] = ()) -> FolderChanges:
     """The records `iter_folder(root)` would now give for the images that `paths` (changed files or
     folders below `root`) touch: the file itself, the image of a caption `.txt`, everything below a
     folder. Keys are spelled as `iter_folder` spells them; hidden names are ignored like there."""
@@ -274,16 +421,24 @@ def folder_changes(root: Path, paths: Iterable[str | Path]) -> FolderChanges:
         path = os.path.abspath(str(raw))
         rel = os.path.relpath(path, base)
         parts = rel.split(os.sep)
-        if rel == "." or parts[0] == ".." or any(p.startswith(".") for p in parts):
+        if (
+            rel == "."
+            or parts[0] == ".."
+            or any(p.startswith(".") for p in parts)
+            or excluded(parts, exclude)
+        ):
             continue
         key = os.path.join(base, *parts)
         if os.path.isdir(key) and not os.path.islink(key):
-            keys.update(os.path.join(key, *r) for r in _walk_files(Path(key)))
+            keys.update(os.path.join(key, *r) for r in _walk_files(Path(key), exclude, tuple(parts)))
             prefixes.add(key)
             continue
         stem, ext = os.path.splitext(key)
         if ext.lower() == ".txt":
             keys.update(_same_stem_images(stem))
+        elif ext.lower() == ".json":  # a sidecar: `b.json` or `b.jpg.json`
+            keys.update(_same_stem_images(stem))
+            keys.add(stem)
         elif not os.path.exists(key):
             prefixes.add(key)  # it may have been a folder
         keys.add(key)
@@ -304,7 +459,9 @@ def _same_stem_images(stem: str) -> list[str]:
 def _folder_record(key: str) -> Record:
     caption = os.path.splitext(key)[0] + ".txt"
     captions = _read_caption_file(Path(caption)) if os.path.isfile(caption) else ()
-    return Record(key=key, captions=captions, path=Path(key))
+    sidecar = next((p for p in _sidecars(key) if os.path.isfile(p)), None)
+    extra = _read_sidecar(Path(sidecar)) if sidecar is not None else {}
+    return Record(key=key, captions=captions, path=Path(key), extra=extra)
 
 
 def iter_shards(shards: Sequence[Path]) -> Iterator[Record]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from indexer.core.bundle.layout import WORK_DIR
 from indexer.core.errors import ClipsearchError
+from indexer.core.images import PhotoFacts
 from indexer.index.stages import reached
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,21 @@ _CACHE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vectors (
     kind TEXT NOT NULL, sha256 TEXT NOT NULL, vec BLOB NOT NULL, width INTEGER, height INTEGER,
-    PRIMARY KEY (kind, sha256)
+    taken_at REAL, camera TEXT, facts INTEGER, PRIMARY KEY (kind, sha256)
 ) WITHOUT ROWID;
 """
+# Columns added after format 1, added in place to an older file (its vectors stay valid); `facts` is 1
+# once the image's EXIF was read (NULL: a row written before, whose facts are read when next needed).
+_ADDED_COLUMNS = {"taken_at": "REAL", "camera": "TEXT", "facts": "INTEGER"}
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the cache records about an image beside its vector."""
+
+    width: int | None = None
+    height: int | None = None
+    photo: PhotoFacts | None = None  # None: not read yet (a row from before facts were kept)
 
 
 class CacheCorrupt(ClipsearchError, RuntimeError):
@@ -79,6 +92,10 @@ class EmbeddingCache:
             self._remove()
         self._conn = _connect(self.path)
         self._conn.executescript(_CACHE_SCHEMA)
+        have = {r[1] for r in self._conn.execute("PRAGMA table_info(vectors)")}
+        for column, sql_type in _ADDED_COLUMNS.items():
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE vectors ADD COLUMN {column} {sql_type}")
         meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "dim": str(dim), "variant": variant}
         self._conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", meta.items())
         self._conn.commit()
@@ -125,21 +142,51 @@ class EmbeddingCache:
             found.update(r[0] for r in self._conn.execute(sql, (kind, *part)))
         return found
 
-    def put(self, kind: str, rows: Iterable[tuple[str, np.ndarray, int | None, int | None]]) -> None:
-        """Store one batch of vectors in one transaction (so a kill never leaves half a batch)."""
-        data = [(kind, sha, np.ascontiguousarray(v, np.float32).tobytes(), w, h) for sha, v, w, h in rows]
+    def put(
+        self,
+        kind: str,
+        rows: Iterable[tuple[str, np.ndarray, int | None, int | None]],
+        facts: Sequence[PhotoFacts] | None = None,
+    ) -> None:
+        """Store one batch of vectors in one transaction (so a kill never leaves half a batch).
+
+        `facts`: each image row's EXIF facts, in row order (None for texts)."""
+        data = [
+            (kind, sha, np.ascontiguousarray(v, np.float32).tobytes(), w, h)
+            + (
+                (f.taken_at, f.camera, 1)
+                if (f := facts[n] if facts else None) is not None
+                else (None, None, None)
+            )
+            for n, (sha, v, w, h) in enumerate(rows)
+        ]
         with self._conn:
-            self._conn.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?)", data)
+            self._conn.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?, ?, ?, ?)", data)
             reached("cache-write", self.path.parent.parent)
 
-    def sizes(self, kind: str, shas: Sequence[str]) -> dict[str, tuple[int | None, int | None]]:
-        """(width, height) recorded with each vector, without reading the vectors."""
-        out: dict[str, tuple[int | None, int | None]] = {}
+    def sizes(self, kind: str, shas: Sequence[str]) -> dict[str, ImageFacts]:
+        """Width, height and EXIF facts recorded with each vector, without reading the vectors."""
+        out: dict[str, ImageFacts] = {}
         for part in _chunks(list(dict.fromkeys(shas))):
             marks = ",".join("?" * len(part))
-            sql = f"SELECT sha256, width, height FROM vectors WHERE kind = ? AND sha256 IN ({marks})"
-            out.update((sha, (w, h)) for sha, w, h in self._conn.execute(sql, (kind, *part)))
+            sql = (
+                "SELECT sha256, width, height, taken_at, camera, facts FROM vectors"
+                f" WHERE kind = ? AND sha256 IN ({marks})"
+            )
+            out.update(
+                (sha, ImageFacts(w, h, PhotoFacts(t, c) if read else None))
+                for sha, w, h, t, c, read in self._conn.execute(sql, (kind, *part))
+            )
         return out
+
+    def put_facts(self, rows: Iterable[tuple[str, PhotoFacts]]) -> None:
+        """Record EXIF facts of images whose vectors were cached before facts were kept."""
+        data = [(f.taken_at, f.camera, sha) for sha, f in rows]
+        with self._conn:
+            self._conn.executemany(
+                "UPDATE vectors SET taken_at = ?, camera = ?, facts = 1 WHERE kind = 'image' AND sha256 = ?",
+                data,
+            )
 
     def blocks(self, kind: str, shas: Sequence[str], block: int = 4096) -> Iterator[np.ndarray]:
         """(<=block, dim) float32 arrays of the vectors of `shas`, in that order (FAISS-style streaming)."""

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from indexer.core.encoder import Encoder
-from indexer.core.images import DEFAULT_MAX_PIXELS
+from indexer.core.images import DEFAULT_MAX_PIXELS, PhotoFacts
 from indexer.data.decode import decoded_batches
 from indexer.data.sources import Record
 from indexer.data.workers import default_workers
@@ -87,7 +87,7 @@ def embed_images(
             if batch.pixels is not None:
                 vecs = encoder.encode_pixels(batch.pixels)
                 rows = [(jobs[d.pos].sha256, v, *d.size) for d, v in zip(batch.ok, vecs, strict=True)]  # type: ignore[misc]
-                cache.put("image", rows)
+                cache.put("image", rows, [d.facts or PhotoFacts() for d in batch.ok])
                 report.embedded += len(rows)
             for d in batch.failed:
                 report.failures[jobs[d.pos].sha256] = d.error  # type: ignore[assignment]

@@ -27,12 +27,20 @@ from indexer.core.bundle.read import Bundle
 from indexer.core.encoder import resolve_device
 from indexer.data.corpus import read_texts_file, text_sha256
 from indexer.data.sources import FolderChanges, Record, read_records
-from indexer.index.cache import EmbeddingCache, FileStates
+from indexer.index.cache import EmbeddingCache, FileStates, ImageFacts
 from indexer.index.compact import Compactor, needs_rebuild
 from indexer.index.embed import embed_images, embed_texts
 from indexer.index.gc import prune
 from indexer.index.ids import IdState, save_state
-from indexer.index.runner import LazyEncoder, ReindexConfig, _fingerprint, _image_item, _image_jobs, _split
+from indexer.index.runner import (
+    LazyEncoder,
+    ReindexConfig,
+    _fingerprint,
+    _image_item,
+    _image_jobs,
+    _split,
+    image_facts,
+)
 from indexer.index.scan import SourceImage, scan
 from indexer.index.segments import SegmentContents, publish_version
 
@@ -47,6 +55,7 @@ class LiveImage:
     sha256: str
     text: str | None  # the first caption: the row's `text`
     mtime: float | None
+    fields: dict[str, Any] = field(default_factory=dict)  # user fields (a sidecar .json)
 
 
 @dataclass
@@ -71,7 +80,7 @@ class LiveState:
         captions: dict[str, tuple[str, ...]] = {}
         for it in bundle.items.all():
             if it.kind == "image" and it.path is not None:
-                images[it.path] = LiveImage(it.id, it.sha256 or "", it.text, it.mtime)
+                images[it.path] = LiveImage(it.id, it.sha256 or "", it.text, it.mtime, dict(it.fields))
                 captions[it.path] = (it.text,) if it.text else ()
             elif it.text is not None:
                 texts[it.text] = it.id
@@ -243,7 +252,7 @@ class LiveIndexer:
         return self._publish(delta, start)
 
     def _diff_images(self, delta: _Delta, keys: list[str], usable: dict[str, SourceImage]) -> None:
-        sizes = self.cache.sizes("image", [img.sha256 for img in usable.values()])
+        sizes = image_facts(self.cache, usable.values())
         for key in keys:
             old, new = self.state.images.get(key), usable.get(key)
             if new is None:
@@ -253,14 +262,15 @@ class LiveIndexer:
                     self.state.set_image(key, None)
                 continue
             item_id = old.id if old is not None else self._new_id()
-            row = _image_item(item_id, new, sizes.get(new.sha256, (None, None)))
-            if old is not None and (old.sha256, old.text, old.mtime) == (row.sha256, row.text, row.mtime):
+            row = _image_item(item_id, new, sizes.get(new.sha256, ImageFacts()))
+            same = (old.sha256, old.text, old.mtime, old.fields) if old is not None else None
+            if same == (row.sha256, row.text, row.mtime, dict(row.fields)):
                 continue
             delta.owned.add(item_id)
             delta.image_rows.append(row)
             delta.added += old is None
             delta.updated += old is not None and old.sha256 != new.sha256
-            self.state.set_image(key, LiveImage(item_id, new.sha256, row.text, row.mtime))
+            self.state.set_image(key, LiveImage(item_id, new.sha256, row.text, row.mtime, dict(row.fields)))
 
     def _diff_texts(
         self,

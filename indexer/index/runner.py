@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from indexer.core.bundle.items import Item, Skipped
+from indexer.core.bundle.items import Item, Skipped, folder_of
 from indexer.core.bundle.layout import IMAGES_INDEX, MODEL_DIR, TEXTS_INDEX, WORK_DIR
 from indexer.core.bundle.manifest import IndexSpec, ModelRef
 from indexer.core.encoder import Encoder, resolve_device
 from indexer.core.errors import ClipsearchError
 from indexer.core.hashing import file_sha256
+from indexer.core.images import ImageError, PhotoFacts, read_photo_facts
 from indexer.core.modeldir import CONFIG_NAME, WEIGHTS_NAME, ModelError, read_model_cfg, require_model_dir
 from indexer.data.corpus import collect_texts, read_texts_file, text_sha256
 from indexer.data.sources import SourceSpec, read_records
 from indexer.index.build import IndexConfig, build_index, validate_factory
-from indexer.index.cache import MODEL_KEY_PREFIX, EmbeddingCache, FileState, FileStates
+from indexer.index.cache import MODEL_KEY_PREFIX, EmbeddingCache, FileState, FileStates, ImageFacts
 from indexer.index.embed import EmbedConfig, ImageJob, apply_fast_path, embed_images, embed_texts
 from indexer.index.gc import prune
 from indexer.index.ids import save_ids
@@ -287,7 +289,8 @@ def _model_ref(prev: Previous, fingerprint: str, encoder: LazyEncoder) -> tuple[
     return encoder.get().info.model_copy(update={"fingerprint": fingerprint}), None
 
 
-def _image_item(item_id: int, img: SourceImage, size: tuple[int | None, int | None]) -> Item:
+def _image_item(item_id: int, img: SourceImage, facts: ImageFacts) -> Item:
+    photo = facts.photo or PhotoFacts()
     return Item(
         id=item_id,
         kind="image",
@@ -296,9 +299,34 @@ def _image_item(item_id: int, img: SourceImage, size: tuple[int | None, int | No
         size=img.state.nbytes,
         mtime=img.mtime,
         sha256=img.sha256,
-        width=size[0],
-        height=size[1],
+        width=facts.width,
+        height=facts.height,
+        folder=folder_of(img.key),
+        taken_at=photo.taken_at,
+        camera=photo.camera,
+        fields=img.record.extra,
     )
+
+
+def image_facts(cache: EmbeddingCache, images: Iterable[SourceImage]) -> dict[str, ImageFacts]:
+    """Each image's cached size and EXIF facts by sha256; facts missing from an older cache are read
+    from the file's header now (once: they are written back)."""
+    images = list(images)
+    facts = cache.sizes("image", [img.sha256 for img in images])
+    todo = {img.sha256: img for img in images if img.sha256 in facts and facts[img.sha256].photo is None}
+    if todo:
+        log.info("reading the EXIF of %d images indexed before capture times were kept", len(todo))
+    read: list[tuple[str, PhotoFacts]] = []
+    for sha, img in todo.items():
+        try:
+            photo = read_photo_facts(img.record.image_source())
+        except (ImageError, OSError):
+            photo = PhotoFacts()
+        read.append((sha, photo))
+        facts[sha] = replace(facts[sha], photo=photo)
+    if read:
+        cache.put_facts(read)
+    return facts
 
 
 def _contents(
@@ -320,9 +348,9 @@ def _contents(
     text_index, text_spec = build_index(
         lambda: cache.blocks("text", text_shas), np.asarray(text_ids, np.int64), cache.dim, cfg.index
     )
-    sizes = cache.sizes("image", image_shas)
+    sizes = image_facts(cache, usable)
     items = [
-        _image_item(i, img, sizes.get(img.sha256, (None, None)))
+        _image_item(i, img, sizes.get(img.sha256, ImageFacts()))
         for i, img in zip(image_ids, usable, strict=True)
     ]
     items += [

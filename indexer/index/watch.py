@@ -266,7 +266,8 @@ def watch(
                     elif isinstance(event, Batch):
                         paths = set(event.paths)
                         texts_changed = texts is not None and texts in paths
-                        live.apply(folder_changes(root, paths - {texts} if texts else paths), texts_changed)
+                        changed = paths - {texts} if texts else paths
+                        live.apply(folder_changes(root, changed, cfg.source.exclude), texts_changed)
                     elif retry.due():
                         retry.at = None
                         live.catch_up()  # after a failed step: look at everything again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import Request
@@ -26,13 +27,27 @@ def _multipart(properties: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-MULTIPART_DOC = _multipart({**_FILE, **SearchParams.model_json_schema()["properties"]})
+_FILTER_FIELD = {
+    "filter": {
+        "type": "string",
+        "description": "The search's filter object, JSON-encoded (docs/api.md, Filters).",
+    }
+}
+MULTIPART_DOC = _multipart({**_FILE, **SearchParams.model_json_schema()["properties"], **_FILTER_FIELD})
 EMBED_MULTIPART_DOC = _multipart(_FILE)
 
 
 def parse_params(raw: dict[str, str]) -> SearchParams:
+    values: dict[str, object] = {k: v for k, v in raw.items() if v != "" or k not in ("min_score", "filter")}
+    if "filter" in values:
+        try:
+            values["filter"] = json.loads(str(values["filter"]))
+        except ValueError as e:
+            raise ApiError(422, "invalid_filter", f"filter: not valid JSON ({e})") from e
+        if not isinstance(values["filter"], dict):
+            raise ApiError(422, "invalid_filter", "filter: must be a JSON object of field: {operator: value}")
     try:
-        return SearchParams.model_validate({k: v for k, v in raw.items() if v != "" or k != "min_score"})
+        return SearchParams.model_validate(values)
     except ValidationError as e:
         where, msg = first_error(e.errors())
         raise ApiError(422, "invalid_request", f"{where or 'form'}: {msg}") from e
@@ -52,7 +67,7 @@ async def run_image(request: Request, service: Service, search: bool) -> JobResu
         spec: SearchSpec | None = None
         if search:
             raw = {k: v for k in _PARAMS if (v := form_value(form, k)) is not None}
-            spec = search_spec(parse_params(raw), service.settings)
+            spec = search_spec(parse_params(raw), service.settings, service.state)
         upload = form.getlist("file")[0]
         assert isinstance(upload, UploadFile)
         # Preprocessing here runs in parallel across requests; the batch only stacks and encodes.

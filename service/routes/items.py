@@ -1,4 +1,4 @@
-"""`GET /v1/items/{id}` and `GET /v1/items/{id}/image`: by id from the bundle's records, never by a path."""
+"""`GET /v1/items/{id}`, `/image` and `/duplicates`: by id from the bundle's records, never by a path."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import os
 from pathlib import Path
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
+from indexer.core.bundle.duplicates import group_of
 from indexer.core.bundle.items import Item
 from service.auth import require_api_key
 from service.deps import ServiceDep, mark_bundle
 from service.errors import ApiError
-from service.schemas import ItemResponse
-from service.search import image_url
+from service.schemas import DuplicateMember, DuplicatesResponse, ItemResponse
+from service.search import image_url, metadata
 from service.state import Snapshot
 
 router = APIRouter(prefix="/v1/items", tags=["items"], dependencies=[Depends(require_api_key)])
@@ -39,7 +40,8 @@ def get_item(item_id: int, request: Request, service: ServiceDep) -> ItemRespons
         mark_bundle(request, snap.version)
         item = _item(snap, item_id)
         url = image_url(item.id) if item.kind == "image" else None
-        return ItemResponse(bundle=snap.version, image_url=url, **dataclasses.asdict(item))
+        row = {k: v for k, v in dataclasses.asdict(item).items() if k != "fields"}
+        return ItemResponse(bundle=snap.version, image_url=url, **{**row, **metadata(item)})
 
 
 def _safe_file(snap: Snapshot, item: Item) -> tuple[Path, os.stat_result]:
@@ -76,3 +78,21 @@ async def get_item_image(item_id: int, request: Request, service: ServiceDep) ->
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     headers = {"Cache-Control": "private, max-age=300"}
     return FileResponse(path, media_type=media_type, headers=headers, stat_result=st)
+
+
+@router.get("/{item_id}/duplicates")
+def get_item_duplicates(
+    item_id: int,
+    request: Request,
+    service: ServiceDep,
+    threshold: float = Query(0.95, gt=0.0, le=1.0, description="Cosine similarity of near-duplicates."),
+) -> DuplicatesResponse:
+    """The near-duplicate group of one image (itself alone when nothing is that close)."""
+    with service.state.lease() as snap:
+        mark_bundle(request, snap.version)
+        item = _item(snap, item_id)
+        if item.kind != "image":
+            raise ApiError(404, "not_an_image", f"item {item.id} is a {item.kind}, it has no image")
+        group = group_of(snap.bundle, item.id, threshold)
+        members = [DuplicateMember(id=m.id, path=m.path, score=m.score) for m in group]
+        return DuplicatesResponse(bundle=snap.version, id=item.id, threshold=threshold, group=members)

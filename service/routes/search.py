@@ -1,17 +1,21 @@
-"""`POST /v1/search/text` and `POST /v1/search/image`: k-NN over the bundle's images or texts."""
+"""`POST /v1/search/text`, `POST /v1/search/image` and `POST /v1/search` (weighted terms): k-NN over the
+bundle's images or texts."""
 
 from __future__ import annotations
 
 import time
 
+import anyio
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 
 from service.auth import require_api_key
-from service.deps import ServiceDep, mark_bundle, require_json, search_spec
+from service.deps import Service, ServiceDep, mark_bundle, require_json, search_spec
 from service.errors import ApiError
 from service.routes.images_form import MULTIPART_DOC, run_image
-from service.schemas import SearchResponse, TextSearchRequest, blank
-from service.search import JobResult, TextJob
+from service.schemas import QuerySearchRequest, SearchResponse, TextSearchRequest, blank
+from service.search import JobResult, TextJob, combine, search_vector
+from service.state import Snapshot
 
 router = APIRouter(prefix="/v1/search", tags=["search"], dependencies=[Depends(require_api_key)])
 
@@ -36,7 +40,7 @@ async def search_text(body: TextSearchRequest, request: Request, service: Servic
         raise ApiError(
             422, "query_too_long", f"query is {len(body.query):,} characters, over the limit of {limit:,}"
         )
-    spec = search_spec(body, service.settings)
+    spec = search_spec(body, service.settings, service.state)
     result = await service.texts.submit(TextJob(texts=[query], search=spec))
     return _response(request, result, start)
 
@@ -47,3 +51,75 @@ async def search_image(request: Request, service: ServiceDep) -> SearchResponse:
     start = time.perf_counter()
     result = await run_image(request, service, search=True)
     return _response(request, result, start)
+
+
+@router.post("", dependencies=[Depends(require_json)])
+async def search_terms(body: QuerySearchRequest, request: Request, service: ServiceDep) -> SearchResponse:
+    """Search with a weighted sum of texts, items of the bundle and vectors (query arithmetic)."""
+    start = time.perf_counter()
+    texts = [
+        _term_text(t.text, f"terms[{i}].text", service)
+        for i, t in enumerate(body.terms)
+        if t.text is not None
+    ]
+    for i, term in enumerate(body.terms):
+        given = sum(x is not None for x in (term.text, term.item, term.vector))
+        if given != 1:
+            raise ApiError(422, "invalid_request", f"terms[{i}]: give exactly one of text, item or vector")
+    spec = search_spec(body, service.settings, service.state)
+    for _ in range(3):  # a reload between encoding and searching: encode again with the new model
+        encoded = await service.texts.submit(TextJob(texts=texts)) if texts else None
+        with service.state.lease() as snap:
+            if encoded is not None and encoded.bundle != snap.version:
+                continue
+            text_emb = encoded.embeddings if encoded is not None else None
+            query = await anyio.to_thread.run_sync(_query_vector, snap, body, text_emb)
+            hits = await anyio.to_thread.run_sync(search_vector, snap, query, spec)
+            mark_bundle(request, snap.version)
+            took_ms = (time.perf_counter() - start) * 1000.0
+            return SearchResponse(bundle=snap.version, took_ms=round(took_ms, 3), results=hits)
+    raise ApiError(
+        503, "not_ready", "the bundle changed while the query was encoded; retry", {"Retry-After": "1"}
+    )
+
+
+def _term_text(text: str, where: str, service: Service) -> str:
+    if blank(text):
+        raise ApiError(422, "empty_query", f"{where} is empty")
+    limit = service.settings.max_query_chars
+    if len(text) > limit:
+        raise ApiError(
+            422, "query_too_long", f"{where} is {len(text):,} characters, over the limit of {limit:,}"
+        )
+    return text.strip()
+
+
+def _query_vector(snap: Snapshot, body: QuerySearchRequest, text_emb: np.ndarray | None) -> np.ndarray:
+    """Each term's unit vector (its text embedded, an item's stored vector, a given vector), combined."""
+    bundle = snap.bundle
+    dim = bundle.manifest.model.embed_dim
+    rows: list[np.ndarray] = []
+    n_text = 0
+    for i, term in enumerate(body.terms):
+        if term.text is not None:
+            assert text_emb is not None
+            rows.append(text_emb[n_text])
+            n_text += 1
+        elif term.item is not None:
+            item = bundle.items.get(term.item)
+            if item is None:
+                raise ApiError(
+                    422, "item_not_found", f"terms[{i}].item: no item {term.item} in bundle {snap.version}"
+                )
+            rows.append(bundle.stack.vectors("images" if item.kind == "image" else "texts", [item.id])[0])
+        else:
+            vec = np.asarray(term.vector, np.float64)
+            if vec.shape != (dim,) or not np.isfinite(vec).all() or not np.any(vec):
+                raise ApiError(
+                    422, "invalid_request", f"terms[{i}].vector: must be {dim} finite numbers, not all zero"
+                )
+            rows.append(vec.astype(np.float32))
+    query = combine(np.stack(rows), [t.weight for t in body.terms])
+    if query is None:
+        raise ApiError(422, "empty_query", "the terms cancel out: their weighted sum has no direction")
+    return query

@@ -1,6 +1,8 @@
 // The HTTP API as the page uses it (contract in DESIGN.md). Every URL is relative: the page never
 // talks to any origin but the one that served it.
 
+import { parseTerms } from "./terms.js";
+
 /** An API failure with the server's error code and a message a person can read. */
 export class ApiError extends Error {
   /** 401/403 on a query route: the server wants an API key (or a different one). */
@@ -85,10 +87,16 @@ export async function readiness() {
   }
 }
 
-/** POST /v1/search/text. `minScore` null means no threshold. */
+/**
+ * POST /v1/search/text, or POST /v1/search when the query uses rclip's `+` / `-` arithmetic
+ * (`beach + sunset - people`). `minScore` null means no threshold.
+ */
 export async function searchText({ query, k, target, minScore, offset }, signal) {
-  const body = JSON.stringify({ query, k, target, min_score: minScore, offset });
-  const res = await request("/v1/search/text", {
+  const terms = parseTerms(query);
+  const body = JSON.stringify(
+    terms ? { terms, k, target, min_score: minScore, offset } : { query, k, target, min_score: minScore, offset },
+  );
+  const res = await request(terms ? "/v1/search" : "/v1/search/text", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.core.images import DecodeOptions, ImageError, load_image
+from indexer.core.images import IMAGE_EXTENSIONS, DecodeOptions, ImageError, load_image, load_photo
 
 
 def _png_bytes(img: Image.Image, **kw) -> bytes:
@@ -119,3 +119,19 @@ def test_missing_file(tmp_path):
     with pytest.raises(ImageError) as e:
         load_image(tmp_path / "nope.png")
     assert e.value.code == "not_found"
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_decode_with_their_exif(fmt: str) -> None:
+    """iPhone HEIC (pillow-heif) and AVIF (Pillow's own) go through the same decoder, EXIF included."""
+    exif = Image.Exif()
+    exif[271], exif[272] = "Apple", "iPhone 15"
+    exif.get_ifd(0x8769)[36867] = "2024:06:01 10:00:00"
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(buf, format=fmt, exif=exif.tobytes())
+    img, facts = load_photo(buf.getvalue())
+    assert img.mode == "RGB" and img.size == (40, 30)
+    r, g, b = img.getpixel((20, 15))
+    assert r > 150 and g < 80 and b < 80  # still red after lossy coding
+    assert facts.camera == "Apple iPhone 15" and facts.taken_at == 1717236000.0
+    assert {".heic", ".heif", ".avif"} <= IMAGE_EXTENSIONS

@@ -58,11 +58,11 @@ def test_full_disk_during_cache_writes(tiny_model_dir, grown, monkeypatch):
     src, bundles, first = grown
     real_put, calls = EmbeddingCache.put, []
 
-    def put(self: EmbeddingCache, kind: str, rows: object) -> None:
+    def put(self: EmbeddingCache, kind: str, rows: object, *facts: object) -> None:
         calls.append(kind)
         if len(calls) == 2:
             raise sqlite3.OperationalError("database or disk is full")
-        real_put(self, kind, rows)  # type: ignore[arg-type]
+        real_put(self, kind, rows, *facts)  # type: ignore[arg-type]
 
     monkeypatch.setattr(EmbeddingCache, "put", put)
     with pytest.raises(DiskFullError, match=r"no space left on .* while writing the embedding cache") as e:

@@ -29,7 +29,7 @@ def test_item_metadata_for_image_and_text(client: TestClient, bundles_dir: Path)
 
 def test_item_response_carries_every_item_column() -> None:
     # The API's item shape is written out for its documentation; it must not drift from the item store.
-    assert set(ItemResponse.model_fields) == set(ITEM_COLUMNS) | {"bundle", "image_url"}
+    assert set(ItemResponse.model_fields) == set(ITEM_COLUMNS) | {"bundle", "image_url", "fields"}
 
 
 def test_item_image_serves_the_stored_file(client: TestClient, collection: Path) -> None:

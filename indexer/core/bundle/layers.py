@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,12 +19,16 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from indexer.core.bundle.items import Item, ItemKind, ItemStore
+from indexer.core.bundle.filters import Filter, Table, facet_counts
+from indexer.core.bundle.items import FieldValue, Item, ItemKind, ItemStore, folder_of
+from indexer.core.bundle.selectors import Subset
 
 Target = Literal["images", "texts"]
 KIND_OF: dict[Target, ItemKind] = {"images": "image", "texts": "text"}
 PAD_SCORE = float(-np.finfo(np.float32).max)  # what FAISS returns beside id -1 when a row is short
-SearchFn = Callable[[faiss.Index, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# One index's search: (index, queries, k, subset) -> (scores, ids); `subset` None searches every id.
+SearchFn = Callable[[faiss.Index, np.ndarray, int, Subset | None], tuple[np.ndarray, np.ndarray]]
+SELECTIONS_KEPT = 16  # filter results remembered per version (each with its exact copy, if any)
 
 
 @dataclass(eq=False)
@@ -40,10 +45,59 @@ class Layer:
     _users: int = 0
     _kinds: dict[int, ItemKind | None] = field(default_factory=dict)
     _folder: tuple[str | None] | None = None
+    _tables: dict[Target, Table] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def index(self, target: Target) -> faiss.Index:
         return self.image_index if target == "images" else self.text_index
+
+    def table(self, target: Target) -> Table:
+        """This layer's items of `target` as filter columns (each column read on first use, then kept)."""
+        with self._lock:
+            if target not in self._tables:
+                self._tables[target] = self._make_table(KIND_OF[target])
+            return self._tables[target]
+
+    def _make_table(self, kind: ItemKind) -> Table:
+        if self.store is not None:
+            store = self.store
+            ids, _ = store.columns(kind, [])
+
+            def builtin(name: str) -> list[FieldValue | None]:
+                if name == "folder" and not store.has_column("folder"):  # a format-1 items file
+                    return [folder_of(p) for (p,) in store.columns(kind, ["path"])[1]]
+                return [r[0] for r in store.columns(kind, [name])[1]]
+
+            return Table(np.asarray(ids, np.int64), builtin, lambda name: store.field_values(kind, name))
+        rows = sorted((r for r in self.rows.values() if r.kind == kind), key=lambda r: r.id)
+
+        def user(name: str) -> list[tuple[int, FieldValue]]:
+            out: list[tuple[int, FieldValue]] = []
+            for r in rows:
+                v = r.fields.get(name)
+                out += [(r.id, x) for x in (v if isinstance(v, tuple) else (v,)) if x is not None]
+            return out
+
+        row_ids = np.asarray([r.id for r in rows], np.int64)
+        return Table(row_ids, lambda name: [getattr(r, name) for r in rows], user)
+
+    def vectors(self, target: Target, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), d) float32: the stored vectors of `ids` in this layer's index of `target`."""
+        index = self.index(target)
+        wanted = np.asarray(ids, np.int64)
+        try:
+            return np.asarray(index.reconstruct_batch(wanted), np.float32)
+        except RuntimeError:  # an IVF index keeps no id -> list map until asked to
+            with self._lock:
+                ivf = faiss.extract_index_ivf(index)
+                if ivf.direct_map.type == faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+                    ivf.make_direct_map()
+            return np.asarray(index.reconstruct_batch(wanted), np.float32)
+
+    def field_names(self) -> set[str]:
+        """The user field names of this layer's items."""
+        names = self.store.field_names() if self.store is not None else set()
+        return names | {n for r in self.rows.values() for n in r.fields}
 
     def kinds(self, ids: Iterable[int]) -> dict[int, ItemKind | None]:
         """The kind of each id's row in this layer (None: it has none); a base remembers what it looked up."""
@@ -105,6 +159,54 @@ class LayerStack:
                 }
             )
 
+        self._selections: OrderedDict[tuple[Target, str], list[Subset]] = OrderedDict()
+        self._select_lock = threading.Lock()
+
+    def select(self, target: Target, flt: Filter) -> list[Subset]:
+        """Each layer's ids of `target` that `flt` keeps and no later layer owns (remembered per filter)."""
+        key = (target, flt.key)
+        with self._select_lock:
+            if key in self._selections:
+                self._selections.move_to_end(key)
+                return self._selections[key]
+        subsets = []
+        for layer, dead in zip(self.layers, self.dead, strict=True):
+            table = layer.table(target)
+            keep = table.mask(flt)
+            if len(dead[target]):
+                keep &= ~np.isin(table.ids, dead[target])
+            subsets.append(Subset(table.ids[keep]))
+        with self._select_lock:
+            self._selections[key] = subsets
+            while len(self._selections) > SELECTIONS_KEPT:
+                self._selections.popitem(last=False)
+        return subsets
+
+    def facets(self, target: Target, name: str, flt: Filter) -> dict[FieldValue, int]:
+        """Value -> count of field `name` over the items of `target` that `flt` keeps."""
+        total: dict[FieldValue, int] = {}
+        for layer, subset in zip(self.layers, self.select(target, flt), strict=True):
+            table = layer.table(target)
+            for value, n in facet_counts(table, name, np.isin(table.ids, subset.ids)).items():
+                total[value] = total.get(value, 0) + n
+        return total
+
+    def vectors(self, target: Target, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), d) float32: the vectors the version serves for `ids` (items of `target`), each
+        from the newest layer owning it."""
+        dim = int(self.layers[0].index(target).d)
+        out = np.zeros((len(ids), dim), np.float32)
+        by_layer: dict[int, list[int]] = {}
+        for row, i in enumerate(ids):
+            by_layer.setdefault(self.owner.get(int(i), 0), []).append(row)
+        for pos, rows in by_layer.items():
+            out[rows] = self.layers[pos].vectors(target, [int(ids[r]) for r in rows])
+        return out
+
+    def field_names(self) -> set[str]:
+        """Every user field name an item of the version may have."""
+        return set().union(*(layer.field_names() for layer in self.layers))
+
     def count(self, target: Target) -> int:
         """Items of `target` the version serves: every layer's vectors, less those a later layer owns."""
         return sum(
@@ -113,40 +215,66 @@ class LayerStack:
         )
 
     def search(
-        self, target: Target, queries: np.ndarray, k: int, search_one: SearchFn
+        self,
+        target: Target,
+        queries: np.ndarray,
+        k: int,
+        search_one: SearchFn,
+        selection: Sequence[Subset] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Each layer asked for `k` plus its dead vectors, those dropped, the rest merged by score."""
+        """Each layer asked for `k` plus its dead vectors, those dropped, the rest merged by score.
+
+        `selection` (from `select`): each layer searched over its subset only, inside FAISS; dead
+        vectors are outside it already.
+        """
+        if selection is not None:
+            return self._search_selected(target, queries, k, search_one, selection)
         if len(self.layers) == 1:
-            return search_one(self.layers[0].index(target), queries, k)
+            return search_one(self.layers[0].index(target), queries, k, None)
         scores, ids = [], []
         for layer, dead in zip(self.layers, self.dead, strict=True):
             index = layer.index(target)
             if index.ntotal == 0:
                 continue
-            s, i = search_one(index, queries, min(k + len(dead[target]), int(index.ntotal)))
+            s, i = search_one(index, queries, min(k + len(dead[target]), int(index.ntotal)), None)
             if len(dead[target]):
                 drop = np.isin(i, dead[target])
                 s, i = np.where(drop, PAD_SCORE, s), np.where(drop, -1, i)
             scores.append(s)
             ids.append(i)
-        n = len(queries)
-        if not scores:
-            return np.full((n, k), PAD_SCORE, np.float32), np.full((n, k), -1, np.int64)
-        all_s, all_i = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
-        if all_s.shape[1] < k:
-            pad = k - all_s.shape[1]
-            all_s = np.pad(all_s, ((0, 0), (0, pad)), constant_values=PAD_SCORE)
-            all_i = np.pad(all_i, ((0, 0), (0, pad)), constant_values=-1)
-        best = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        return (
-            np.take_along_axis(all_s, best, axis=1).astype(np.float32),
-            np.take_along_axis(all_i, best, axis=1).astype(np.int64),
-        )
+        return _merge(scores, ids, len(queries), k)
+
+    def _search_selected(
+        self, target: Target, queries: np.ndarray, k: int, search_one: SearchFn, selection: Sequence[Subset]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = [], []
+        for layer, subset in zip(self.layers, selection, strict=True):
+            if len(subset):
+                s, i = search_one(layer.index(target), queries, min(k, len(subset)), subset)
+                scores.append(s)
+                ids.append(i)
+        return _merge(scores, ids, len(queries), k)
 
     def folder(self) -> str | None:
         """The folder every image of the version lies under (each layer's is computed once)."""
         folders = sorted({f for f in (layer.folder() for layer in self.layers) if f is not None})
         return os.path.commonpath(folders) if folders else None
+
+
+def _merge(scores: list[np.ndarray], ids: list[np.ndarray], n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` of each row across the layers' (n, k_i) results, padded with id -1."""
+    if not scores:
+        return np.full((n, k), PAD_SCORE, np.float32), np.full((n, k), -1, np.int64)
+    all_s, all_i = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
+    if all_s.shape[1] < k:
+        pad = k - all_s.shape[1]
+        all_s = np.pad(all_s, ((0, 0), (0, pad)), constant_values=PAD_SCORE)
+        all_i = np.pad(all_i, ((0, 0), (0, pad)), constant_values=-1)
+    best = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+    return (
+        np.take_along_axis(all_s, best, axis=1).astype(np.float32),
+        np.take_along_axis(all_i, best, axis=1).astype(np.int64),
+    )
 
 
 def _ids(values: Iterable[int]) -> np.ndarray:

@@ -15,10 +15,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.core.bundle.items import Item, ItemStore
+from indexer.core.bundle.filters import Filter, parse_filter
+from indexer.core.bundle.items import FieldValue, Item, ItemStore
 from indexer.core.bundle.layers import Layer, LayeredItems, LayerStack, Target
 from indexer.core.bundle.layout import CURRENT, IMAGES_INDEX, ITEMS_DB, MODEL_DIR, SEGMENTS_DIR, TEXTS_INDEX
 from indexer.core.bundle.manifest import BundleError, BundleManifest, IndexSpec, load_manifest
+from indexer.core.bundle.selectors import Subset, search_subset
 from indexer.core.hashing import HashedFile, file_sha256
 from indexer.core.modeldir import WEIGHTS_NAME
 
@@ -57,17 +59,41 @@ class Bundle:
     def count(self, target: Target) -> int:
         return self.stack.count(target)
 
-    def search(self, target: Target, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, target: Target, queries: np.ndarray, k: int, where: Filter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The `k` nearest items of `target` to each query: (scores, ids), both (n_queries, k), best first.
 
         `queries` is (n, dim) float32, L2-normalised; scores are cosine similarities. Where fewer than `k`
-        items exist the row is padded with id -1. Every search of a bundle goes through here: each layer
-        through `_search_index`, merged by `LayerStack.search`.
+        items exist (that `where` keeps) the row is padded with id -1. Every search of a bundle goes
+        through here: each layer through `_search_index` (over the filter's ids, inside FAISS), merged by
+        `LayerStack.search`.
         """
+        selection = self.select(target, where) if where is not None and not where.empty else None
         if k == 0 or self.count(target) == 0:
             n = len(queries)
             return np.zeros((n, k), np.float32), np.full((n, k), -1, np.int64)
-        return self.stack.search(target, np.ascontiguousarray(queries, dtype=np.float32), k, _search_index)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return self.stack.search(target, queries, k, _search_index, selection)
+
+    def select(self, target: Target, where: Filter) -> list[Subset]:
+        """Each layer's ids of `target` that `where` keeps (remembered per filter for this version)."""
+        return self.stack.select(target, where)
+
+    def matching(self, target: Target, where: Filter | None) -> int:
+        """How many items of `target` `where` keeps."""
+        if where is None or where.empty:
+            return self.count(target)
+        return sum(len(s) for s in self.select(target, where))
+
+    def parse_filter(self, raw: object) -> Filter | None:
+        """The checked filter of a JSON object, against this version's user fields (`FilterError`)."""
+        flt = parse_filter(raw, self.stack.field_names())
+        return None if flt.empty else flt
+
+    def facets(self, target: Target, name: str, where: Filter | None = None) -> dict[FieldValue, int]:
+        """Value -> count of field `name` over the items of `target` (that `where` keeps)."""
+        return self.stack.facets(target, name, where or Filter())
 
     def image_folder(self) -> str | None:
         """The folder every image of the version lies under (computed once per layer)."""
@@ -81,8 +107,13 @@ class Bundle:
                 layer.release()
 
 
-def _search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """One FAISS index's `k` nearest to each of `queries` ((n, dim) float32, contiguous)."""
+def _search_index(
+    index: faiss.Index, queries: np.ndarray, k: int, subset: Subset | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One FAISS index's `k` nearest to each of `queries` ((n, dim) float32, contiguous), among
+    `subset`'s ids only when given."""
+    if subset is not None:
+        return search_subset(index, queries, k, subset)
     scores, ids = index.search(queries, k)
     return scores, ids
 

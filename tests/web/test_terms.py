@@ -1,0 +1,46 @@
+"""The search box's query arithmetic (`service/static/terms.js`), run in Node: no browser needed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+TERMS_JS = REPO / "service" / "static" / "terms.js"
+
+
+def _parse(query: str) -> object:
+    script = (
+        f"import {{ parseTerms }} from {json.dumps(TERMS_JS.as_uri())};"
+        f"console.log(JSON.stringify(parseTerms({json.dumps(query)})));"
+    )
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    out = subprocess.run(
+        [node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize(
+    ("query", "terms"),
+    [
+        ("a red square", None),
+        ("red-green square", None),  # a hyphen inside a term is text
+        ("beach + sunset", [{"text": "beach", "weight": 1}, {"text": "sunset", "weight": 1}]),
+        ("beach - people", [{"text": "beach", "weight": 1}, {"text": "people", "weight": -1}]),
+        (
+            "2:cat + dog - 0.5:grass",
+            [{"text": "cat", "weight": 2}, {"text": "dog", "weight": 1}, {"text": "grass", "weight": -0.5}],
+        ),
+        ("0.5:a cat", [{"text": "a cat", "weight": 0.5}]),
+    ],
+)
+def test_the_search_box_reads_rclip_arithmetic(query: str, terms: object) -> None:
+    assert _parse(query) == terms
