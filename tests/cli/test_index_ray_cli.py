@@ -47,7 +47,7 @@ def test_ray_without_ray_installed_is_one_line_saying_what_to_install(
 ):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     (tmp_path / "a.png").write_bytes(b"")
-    code, out, err = call([*_args(tiny_model_dir, tmp_path), "--ray"], capsys)
+    code, _, err = call([*_args(tiny_model_dir, tmp_path), "--ray"], capsys)
     assert code == 1
     assert err.strip().count("\n") == 0
     assert "pip install 'clipsearch[ray]'" in err and err.startswith("error:")
