@@ -20,13 +20,13 @@ except ImportError:  # pragma: no cover - older typer on the real click
 
 # Importing each module registers its subcommand(s) on the shared app.
 from clipsearch.commands import bundles, data, demo, duplicates, evaluate, index, model, serve, train  # noqa: F401
-from clipsearch.commands.app import app
+from clipsearch.commands.app import app, fill_optional_values
 
 
 def main() -> None:
     """Run the app; a command-line usage mistake is one `error: ...` line and exit status 2."""
     try:
-        code = app(standalone_mode=False)
+        code = app(args=fill_optional_values(sys.argv[1:]), standalone_mode=False)
     except NoArgsIsHelpError as e:  # a bare group: its help, as click would show it
         typer.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
         sys.exit(2)

@@ -66,6 +66,11 @@ class ServiceSettings(BaseSettings):
         default=30.0, ge=0, description="How soon a bundle that failed to load is retried."
     )
     verify_checksums: bool = Field(default=True, description="sha256 every bundle file before serving it.")
+    mmap_indexes: bool = Field(
+        default=False,
+        description="Memory-map the base FAISS indexes instead of reading them: replicas on one host share "
+        "the page cache and start without loading the vectors.",
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After seconds sent with 503 answers.")
     header_timeout_s: float = Field(
         default=10.0,

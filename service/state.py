@@ -187,7 +187,10 @@ class ServiceState:
         # Layers (and weights) the current snapshot holds are reused by checksum: only what is new is read.
         reuse = current.bundle if current is not None else None
         bundle = open_bundle_dir(
-            self.bundles_dir / name, checksums=self.settings.verify_checksums, reuse=reuse
+            self.bundles_dir / name,
+            checksums=self.settings.verify_checksums,
+            reuse=reuse,
+            mmap=self.settings.mmap_indexes,
         )
         try:
             fingerprint = bundle.manifest.model.fingerprint

@@ -35,6 +35,21 @@ app = typer.Typer(
 )
 
 
+# Options whose value may be left out (`--ray` alone means `--ray local`): the parser has no optional
+# values, so `main` fills in the implied one before parsing.
+OPTIONAL_VALUES: dict[str, str] = {}
+
+
+def fill_optional_values(args: list[str]) -> list[str]:
+    """`args` with each `OPTIONAL_VALUES` option that has no value of its own given its implied one."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 _VERBOSE = {"on": False}  # set by `clipsearch --verbose ...` (and a command's own -v)
 _OURS = ("clipsearch", "indexer", "service")
 

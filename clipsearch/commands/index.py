@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clipsearch.commands.app import app, setup_logging, user_errors
+from clipsearch.commands.app import OPTIONAL_VALUES, app, setup_logging, user_errors
 from indexer.core.errors import ClipsearchError
 
 if TYPE_CHECKING:
+    from indexer.index.ray_embed import RayConfig
     from indexer.index.runner import ReindexConfig
+
+OPTIONAL_VALUES["--ray"] = "local"  # `--ray` alone: a Ray instance on this machine
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -100,6 +103,21 @@ def index_command(
     settle: Annotated[
         float, typer.Option(help="With --watch: seconds without a new change that end a batch.")
     ] = 0.5,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Embed the images on Ray Data: `--ray` alone starts Ray here, `auto` joins this node's "
+            "cluster, or a cluster address (HOST:6379, ray://HOST:10001). Needs clipsearch[ray].",
+            metavar="[ADDRESS]",
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int | None, typer.Option(help="With --ray: encoder actors (default: one per GPU, else CPUs/4).")
+    ] = None,
+    ray_actor_cpus: Annotated[float, typer.Option(help="With --ray: CPUs reserved per encoder actor.")] = 0.5,
+    ray_actor_gpus: Annotated[
+        float | None, typer.Option(help="With --ray: GPUs per encoder actor (default: 1 on GPU clusters).")
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug logging, and the traceback with an error.")
     ] = False,
@@ -119,6 +137,8 @@ def index_command(
             raise IndexingError(f"--bundles {bundles} exists and is not a directory")
         if watch and settle <= 0:
             raise BadOption(f"--settle must be more than 0 seconds, got {settle}")
+        if watch and ray is not None:
+            raise BadOption("--watch embeds each small batch of changes here; it does not take --ray")
         cfg = ReindexConfig(
             model_dir=resolve_model_dir(ModelReference(model, pretrained), bundles / WORK_DIR),
             source=SourceSpec(
@@ -141,6 +161,7 @@ def index_command(
             keep=_positive("--keep", keep, 0),
             full=full,
             reset_ids=reset_ids,
+            ray=_ray_config(ray, ray_actors, ray_actor_cpus, ray_actor_gpus),
         )
         if watch:
             _watch(cfg, settle, poll, json_out)
@@ -155,6 +176,20 @@ def index_command(
         f"{f' at {result.images_per_s:.1f} img/s' if result.embedded else ''}), {result.texts} texts, "
         f"{result.skipped} skipped, in {result.seconds:.1f} s"
     )
+
+
+def _ray_config(
+    address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float | None
+) -> RayConfig | None:
+    if address is None:
+        return None
+    from indexer.index.ray_embed import RayConfig
+
+    if actors is not None:
+        _positive("--ray-actors", actors)
+    if actor_cpus <= 0 or (actor_gpus is not None and actor_gpus < 0):
+        raise BadOption("--ray-actor-cpus must be more than 0 and --ray-actor-gpus at least 0")
+    return RayConfig(address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
 
 
 def _watch(cfg: ReindexConfig, settle: float, poll: bool | None, json_out: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -103,6 +105,13 @@ def train(
     log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl line every N steps.")] = 10,
     checkpoint_every: Annotated[float, typer.Option(help="Minutes between resumable checkpoints.")] = 5.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with samples/s and ETA.")] = True,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            help="Train with DDP in N processes here (one per GPU; gloo on CPU), launched as torchrun "
+            "would; --batch-size is per process."
+        ),
+    ] = 1,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug logging, and the traceback with an error.")
     ] = False,
@@ -113,6 +122,9 @@ def train(
 
     setup_logging(verbose)
     with user_errors(verbose):
+        if nproc != 1:
+            _launch(nproc)
+            return
         if resume is not None:
             cfg = load_run_config(resume)
             cfg = TrainConfig(**{**cfg.__dict__, "out": resume, "progress": progress})
@@ -148,10 +160,38 @@ def train(
     _report(result)
 
 
+def _launch(nproc: int) -> None:
+    """`--nproc N`: this same command line, without --nproc, in N processes under torch's launcher."""
+    from indexer.train.config import ConfigError
+    from indexer.train.distributed import launch, launched_world_size
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    if launched_world_size() > 1:
+        raise ConfigError("--nproc launches processes itself; under torchrun leave it out")
+    launch(nproc, _without_nproc(sys.argv[1:]))
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _report(result: object) -> None:
+    from indexer.train.distributed import launched_world_size
     from indexer.train.loop import RunResult
 
     assert isinstance(result, RunResult)
+    if launched_world_size() > 1 and os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports for the run
     p = result.progress
     if result.status == "interrupted":
         typer.echo(

@@ -46,15 +46,20 @@ class _DecodeDataset(Dataset[Decoded]):
         return len(self.records)
 
     def __getitem__(self, pos: int) -> Decoded:
-        try:
-            img, facts = load_photo(self.records[pos].image_source(), self.options)
-            return Decoded(pos, self.transform(img), img.size, facts=facts)
-        except ImageError as e:
-            return Decoded(pos, error=(e.code, e.message))
-        except OSError as e:
-            return Decoded(pos, error=("unreadable", str(e)))
-        except Exception as e:  # a decoder bug on hostile bytes must skip one file, not stop the run
-            return Decoded(pos, error=("corrupt", f"{type(e).__name__}: {e}"))
+        return decode_one(self.records[pos], self.transform, self.options, pos)
+
+
+def decode_one(record: Record, transform: Transform, options: DecodeOptions, pos: int = 0) -> Decoded:
+    """Read and decode one record's image and apply `transform`; a failure is returned, never raised."""
+    try:
+        img, facts = load_photo(record.image_source(), options)
+        return Decoded(pos, transform(img), img.size, facts=facts)
+    except ImageError as e:
+        return Decoded(pos, error=(e.code, e.message))
+    except OSError as e:
+        return Decoded(pos, error=("unreadable", str(e)))
+    except Exception as e:  # a decoder bug on hostile bytes must skip one file, not stop the run
+        return Decoded(pos, error=("corrupt", f"{type(e).__name__}: {e}"))
 
 
 @dataclass

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +28,14 @@ from indexer.data.corpus import collect_texts, read_texts_file, text_sha256
 from indexer.data.sources import SourceSpec, read_records
 from indexer.index.build import IndexConfig, build_index, validate_factory
 from indexer.index.cache import MODEL_KEY_PREFIX, EmbeddingCache, FileState, FileStates, ImageFacts
-from indexer.index.embed import EmbedConfig, ImageJob, apply_fast_path, embed_images, embed_texts
+from indexer.index.embed import (
+    EmbedConfig,
+    EmbedReport,
+    ImageJob,
+    apply_fast_path,
+    embed_images,
+    embed_texts,
+)
 from indexer.index.gc import prune
 from indexer.index.ids import save_ids
 from indexer.index.lock import exclusive_lock
@@ -36,6 +43,9 @@ from indexer.index.publish import BundleContents, clean_temp, publish
 from indexer.index.scan import Previous, ScanResult, SourceImage, read_previous, scan
 from indexer.index.space import RunSpace, check_space, run_needs, tidy_after_failure
 from indexer.index.stages import reached
+
+if TYPE_CHECKING:
+    from indexer.index.ray_embed import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,7 @@ class ReindexConfig:
     keep: int = 3  # bundles kept after publishing (CURRENT and leased ones are always kept)
     full: bool = False  # ignore file signatures and the embedding cache
     reset_ids: bool = False  # number items from 0 again, on purpose (ids clients cached change meaning)
+    ray: RayConfig | None = None  # embed the images on a Ray cluster (`--ray`); None: in this process
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,10 @@ def _check_inputs(cfg: ReindexConfig) -> dict[str, Any]:
         raise IndexingError(f"--texts {cfg.texts_file} does not exist")
     if cfg.bundles_dir.exists() and not cfg.bundles_dir.is_dir():
         raise IndexingError(f"--bundles {cfg.bundles_dir} exists and is not a directory")
+    if cfg.ray is not None:
+        from indexer.index.ray_embed import require_ray
+
+        require_ray()
     return model_cfg
 
 
@@ -182,7 +197,7 @@ def _embed_and_publish(
     missing_texts = {s: t for s, t in text_shas if s not in known_texts}
     space = _space(cfg, scanned, texts, prev, cache, len(jobs) + len(missing_texts))
     with space.writing(cache.path, "writing the embedding cache"):
-        report = embed_images(encoder.get(), jobs, cache, cfg.embed, work) if jobs else None
+        report = _embed_images(cfg, encoder, jobs, cache) if jobs else None
         if missing_texts:
             embed_texts(encoder.get(), list(missing_texts.items()), cache, cfg.embed)
     reached("embedded", work)
@@ -209,6 +224,20 @@ def _embed_and_publish(
         embedded=embedded,
         images_per_s=round(rate, 2),
         pruned=pruned,
+    )
+
+
+def _embed_images(
+    cfg: ReindexConfig, encoder: LazyEncoder, jobs: list[ImageJob], cache: EmbeddingCache
+) -> EmbedReport:
+    work = cfg.bundles_dir / WORK_DIR
+    if cfg.ray is None:
+        return embed_images(encoder.get(), jobs, cache, cfg.embed, work)
+    from indexer.index.ray_embed import embed_images_ray
+
+    transform = encoder.get().preprocess  # the model's own, so pixels match a single-process run
+    return embed_images_ray(
+        cfg.ray, cfg.model_dir, cfg.device, cache.fingerprint, transform, jobs, cache, cfg.embed, work
     )
 
 

@@ -19,6 +19,7 @@ from indexer.train.checkpoint import CHECKPOINT_DIR, save_checkpoint
 from indexer.train.compact_embedding import full_token_embedding
 from indexer.train.config import TrainConfig
 from indexer.train.curves import plot_curves
+from indexer.train.distributed import agree, shutdown
 from indexer.train.model import save_trained_model
 from indexer.train.optim import lr_at, set_lr
 from indexer.train.progress import Progress
@@ -126,11 +127,14 @@ def _progress_bar(run: Run, clock: _Clock) -> tqdm:
             total=round(clock.budget_s),
             initial=round(clock.elapsed()),
             unit="s",
-            disable=not run.cfg.progress,
+            disable=not run.cfg.progress or not run.is_main,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]",
         )
     return tqdm(
-        total=run.schedule.total_steps, initial=run.progress.step, unit="step", disable=not run.cfg.progress
+        total=run.schedule.total_steps,
+        initial=run.progress.step,
+        unit="step",
+        disable=not run.cfg.progress or not run.is_main,
     )
 
 
@@ -139,7 +143,7 @@ def _log_step(run: Run, loss: float, lr: float, window: list[float], bar: tqdm, 
     samples_per_s = window[1] / max(1e-9, time.monotonic() - window[0])
     bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{samples_per_s:.0f}", epoch=p.epoch, refresh=False)
     bar.update(round(clock.elapsed()) - bar.n if clock.budget_s else 1)
-    if p.step % run.cfg.log_every == 0:
+    if p.step % run.cfg.log_every == 0 and run.is_main:
         scale = float(run.built.model.logit_scale.detach().exp())
         run.log.write(
             {
@@ -156,18 +160,25 @@ def _log_step(run: Run, loss: float, lr: float, window: list[float], bar: tqdm, 
         window[:] = [time.monotonic(), 0.0]
 
 
+def _stop_reason(run: Run, clock: _Clock) -> str | None:
+    if run.stop_signal:
+        return "interrupted"
+    if clock.spent():
+        return "time_budget"
+    if run.schedule.total_steps is not None and run.progress.step >= run.schedule.total_steps:
+        return "finished"
+    return None
+
+
 def _run_epoch(run: Run, clock: _Clock, bar: tqdm) -> str | None:
     """Train until the epoch ends (None) or the run must stop (its status)."""
     p, window = run.progress, [time.monotonic(), 0.0]
     for s, idx in enumerate(batches(run, p.epoch)):
         if s < p.step_in_epoch:
             continue
-        if run.stop_signal:
-            return "interrupted"
-        if clock.spent():
-            return "time_budget"
-        if run.schedule.total_steps is not None and p.step >= run.schedule.total_steps:
-            return "finished"
+        status = agree(_stop_reason(run, clock), run.dist)  # every rank stops after the same step
+        if status is not None:
+            return status
         # Warm up over the schedule's fraction of the run, but never over fewer than MIN_WARMUP_STEPS:
         # a time budget on a slow machine can leave 5% of it a handful of steps, and a transformer
         # trained from scratch collapses (all embeddings alike, loss stuck at ln(batch)) without warmup.
@@ -182,11 +193,11 @@ def _run_epoch(run: Run, clock: _Clock, bar: tqdm) -> str | None:
         started = time.monotonic()
         loss = train_step(run, idx)
         clock.step_done(started)
-        p.step, p.step_in_epoch, p.samples = p.step + 1, s + 1, p.samples + len(idx)
+        p.step, p.step_in_epoch, p.samples = p.step + 1, s + 1, p.samples + len(idx) * run.world_size
         p.elapsed_s = clock.elapsed()
-        window[1] += len(idx)
+        window[1] += len(idx) * run.world_size
         _log_step(run, loss, lr, window, bar, clock)
-        if time.monotonic() - clock.last_checkpoint > run.cfg.checkpoint_every_min * 60:
+        if run.is_main and time.monotonic() - clock.last_checkpoint > run.cfg.checkpoint_every_min * 60:
             _save(run)
             clock.last_checkpoint = time.monotonic()
     return None
@@ -200,13 +211,15 @@ def _loop(run: Run, started: float) -> str:
             if status is not None:
                 return status
             run.progress.epoch, run.progress.step_in_epoch = run.progress.epoch + 1, 0
-            if run.data.val is not None:
+            if run.data.val is not None and run.is_main:
                 clock.timed(_evaluate, run)
             if run.schedule.total_steps is not None and run.progress.step >= run.schedule.total_steps:
                 return "finished"
 
 
 def _finish(run: Run, status: str) -> None:
+    if not run.is_main:
+        return
     p = run.progress
     if status != "interrupted" and run.data.val is not None and p.last_eval_step != p.step:
         _evaluate(run)
@@ -231,13 +244,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
     run = setup_run(cfg, resume)
     if run.progress.finished:
         log.info("%s: the run already finished; nothing to do", cfg.out)
+        shutdown(run.dist)
         return RunResult("finished", cfg.out, run.progress, run.progress.best_val)
-    write_run_config(run)
+    if run.is_main:
+        write_run_config(run)
     with _stop_on_signals(run):
         try:
             status = _loop(run, started)
         except TrainingDiverged:
-            plot_curves(cfg.out / "metrics.jsonl", cfg.out / "curves.png")
+            if run.is_main:
+                plot_curves(cfg.out / "metrics.jsonl", cfg.out / "curves.png")
             raise
         _finish(run, status)
+    shutdown(run.dist)  # the other ranks wait here while rank 0 validates and saves
     return RunResult(status, cfg.out, run.progress, run.progress.best_val)

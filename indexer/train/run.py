@@ -17,9 +17,10 @@ from indexer.data.sources import SourceSpec, read_records
 from indexer.eval.metrics import Pairs, pairs_from_captions
 from indexer.train.checkpoint import load_model_state, load_optimizer_state
 from indexer.train.compact_embedding import compact_token_embedding
-from indexer.train.config import CONFIG_FILE, TrainConfig, config_to_dict
+from indexer.train.config import CONFIG_FILE, ConfigError, TrainConfig, config_to_dict
 from indexer.train.curves import MetricsLog
 from indexer.train.data import CachedSplit, PixelPipeline, build_split, pad_id, used_length
+from indexer.train.distributed import Dist, Towers, init_from_env, make_distributed_loss, wrap
 from indexer.train.frozen_text import FrozenText, freeze_text_features
 from indexer.train.loss import make_loss
 from indexer.train.model import BuiltModel, build_model
@@ -71,7 +72,18 @@ class Run:
     schedule: Schedule
     progress: Progress
     log: MetricsLog
+    towers: torch.nn.Module  # the step's forward pass (`Towers`, under DDP when distributed)
     stop_signal: str | None = None  # set by Ctrl-C / SIGTERM: stop after the current step
+    dist: Dist | None = None  # this rank's place in a torchrun run; None for one process
+
+    @property
+    def is_main(self) -> bool:
+        """Only this process writes logs, checkpoints and the model dir."""
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.dist is None else self.dist.world_size
 
 
 def _load_split(
@@ -116,7 +128,9 @@ def _load_data(cfg: TrainConfig, built: BuiltModel, pipeline: PixelPipeline) -> 
 def setup_run(cfg: TrainConfig, resume: bool) -> Run:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    d, device = init_from_env(resolve_device(cfg.device))
+    if d is not None and cfg.optim.accum_steps > 1:
+        raise ConfigError("--accum-steps above 1 is not supported with several processes yet")
     built = build_model(cfg.model, cfg.loss, device)
     data = _load_data(cfg, built, PixelPipeline.from_preprocess(built.preprocess, built.image_size))
     if resume:
@@ -129,13 +143,17 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
     o = cfg.optim
     optimizer = make_optimizer(built.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     micro = min(o.batch_size, data.train.n_pairs)
-    steps_per_epoch = max(1, data.train.n_pairs // (micro * o.accum_steps))
+    world = 1 if d is None else d.world_size  # --batch-size is per process, as in open_clip_train
+    steps_per_epoch = max(1, data.train.n_pairs // (micro * o.accum_steps * world))
     epochs = cfg.epochs or (None if cfg.time_budget_min else DEFAULT_EPOCHS)
     generator = torch.Generator().manual_seed(cfg.seed)
     progress = Progress()
     if resume:
         progress, rng = load_optimizer_state(cfg.out, optimizer)
         generator.set_state(rng)
+    towers: torch.nn.Module = Towers(built.model, data.frozen_text.embed if data.frozen_text else None)
+    if d is not None:
+        towers = wrap(towers, d, device)  # after resume and every change to the parameters
     fp16 = autocast_dtype(cfg.precision, device) == torch.float16 and device.type == "cuda"
     return Run(
         cfg=cfg,
@@ -144,13 +162,15 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
         data=data,
         optim=Optimization(
             optimizer=optimizer,
-            loss_fn=make_loss(cfg.loss),
+            loss_fn=make_loss(cfg.loss) if d is None else make_distributed_loss(cfg.loss, d),
             scaler=torch.amp.GradScaler(device.type, enabled=fp16),
             generator=generator,
         ),
         schedule=Schedule(steps_per_epoch, epochs * steps_per_epoch if epochs else None),
         progress=progress,
         log=MetricsLog(cfg.out / "metrics.jsonl"),
+        towers=towers,
+        dist=d,
     )
 
 

@@ -11,6 +11,7 @@ from indexer.core.errors import ClipsearchError
 from indexer.core.precision import autocast
 from indexer.eval.metrics import RetrievalMetrics, retrieval_metrics
 from indexer.train.data import random_crop_batch
+from indexer.train.distributed import local_batch
 from indexer.train.loss import clamp_logit_scale, contrastive_loss
 from indexer.train.run import Run
 
@@ -28,9 +29,9 @@ def batches(run: Run, epoch: int) -> Iterator[torch.Tensor]:
         run.data.train.n_pairs, generator=torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch)
     )
     micro = min(run.cfg.optim.batch_size, run.data.train.n_pairs)
+    size = micro * run.cfg.optim.accum_steps * run.world_size  # the global batch of one step
     for s in range(run.schedule.steps_per_epoch):
-        step_idx = perm[s * micro * run.cfg.optim.accum_steps : (s + 1) * micro * run.cfg.optim.accum_steps]
-        yield step_idx
+        yield local_batch(perm[s * size : (s + 1) * size], run.dist)
 
 
 def _features(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,15 +40,12 @@ def _features(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         random_crop_batch(pixels.float(), run.optim.generator, run.cfg.crop_scale)
     )
     pixels = pixels.to(run.device, non_blocking=True)
+    if run.data.frozen_text is not None:
+        text = run.data.frozen_text.train[idx].to(run.device, non_blocking=True)
+    else:
+        text = run.data.train.tokens[idx].to(run.device, non_blocking=True)
     with autocast(run.cfg.precision, run.device):
-        image_emb = run.built.model.encode_image(pixels, normalize=True)
-        if run.data.frozen_text is not None:
-            text_emb = run.data.frozen_text.embed(
-                run.data.frozen_text.train[idx].to(run.device, non_blocking=True)
-            )
-        else:
-            tokens = run.data.train.tokens[idx].to(run.device, non_blocking=True)
-            text_emb = run.built.model.encode_text(tokens, normalize=True)
+        image_emb, text_emb = run.towers(pixels, text)
     return image_emb.float(), text_emb.float()
 
 

@@ -190,8 +190,10 @@ def _layer_key(root: Path, manifest: BundleManifest, rels: tuple[str, ...], base
 
 def _read_index(root: Path, rel: str, mmap: bool) -> faiss.Index:
     try:
-        if mmap:  # the indexer's verification: sizes and counts, without reading the vectors into memory
-            return faiss.read_index(str(root / rel), faiss.IO_FLAG_MMAP_IFC)
+        if mmap:
+            # The codes stay in the file, mapped read-only (Flat, IVF lists, PQ/SQ codes, HNSW's vectors;
+            # an HNSW graph is still read): processes that map one file share its pages in the page cache.
+            return faiss.read_index(str(root / rel), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
         return faiss.read_index(str(root / rel))
     except RuntimeError as e:
         raise BundleError(f"{root.name}: cannot read a FAISS index: {e}") from e
@@ -281,8 +283,9 @@ def open_bundle_dir(
 
     `reuse`: an open version (the one being served) whose layers, and model weights, are taken over
     where their files' sha256s are the same instead of being read and hashed again; only what is new is
-    read and verified. `known` and `mmap` are for the indexer's own verify-on-publish (see
-    `verify_files`; `mmap` maps the base's indexes instead of reading them); readers leave them unset.
+    read and verified. `known` is for the indexer's own verify-on-publish (see `verify_files`).
+    `mmap` maps the base's indexes instead of reading them into memory: the indexer's verification, and
+    servers with `mmap_indexes` (replicas on one host then share one copy in the page cache).
     """
     root = Path(root)
     if not root.is_dir():

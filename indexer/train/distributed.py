@@ -1,0 +1,168 @@
+"""Data-parallel training under torchrun (PyTorch DDP), following open_clip's recipe for contrastive
+training at scale: every rank computes its local batch's features, the features are all-gathered **with
+their gradients** and each rank's loss is its local rows against the whole global batch (open_clip's
+`ClipLoss(local_loss=True, gather_with_grad=True)`). With DDP averaging the gradients, that is the only
+combination whose gradients equal one process on the whole global batch (tests/train/test_distributed.py).
+
+`torchrun --nproc-per-node N -m clipsearch train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; `clipsearch train
+--nproc N` launches the same through torch's own launcher (`torch.distributed.run`). NCCL on GPUs, gloo on
+the CPU. The loop's hooks: `local_batch` (each rank's share of the global batch), `agree` (all ranks stop at
+the same step), and `Dist.is_main` (only rank 0 writes logs, checkpoints and the model dir).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from open_clip.loss import ClipLoss, SigLipLoss
+from torch.nn.parallel import DistributedDataParallel
+
+from indexer.core.errors import ClipsearchError
+
+log = logging.getLogger(__name__)
+
+# Rank 0 validates and saves while the others wait at their next collective; a generous timeout keeps a
+# long validation from being mistaken for a dead rank.
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+STOP_CODES = {None: 0, "time_budget": 1, "finished": 2, "interrupted": 3}
+
+
+class DistributedError(ClipsearchError, RuntimeError):
+    """A distributed run that cannot start as asked (e.g. more GPU processes than GPUs)."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE as set by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device: torch.device) -> tuple[Dist | None, torch.device]:
+    """Join the process group torchrun set up (None for a single process) and this rank's device."""
+    world = launched_world_size()
+    if world <= 1:
+        return None, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(
+                f"rank {rank} needs GPU {local_rank}, but this node has {torch.cuda.device_count()}: "
+                "use at most one process per GPU"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    if rank != 0:  # one process reports; the others say only what goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
+    return Dist(rank, world, local_rank, backend), device
+
+
+def shutdown(d: Dist | None) -> None:
+    if d is not None and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def local_batch(global_idx: torch.Tensor, d: Dist | None) -> torch.Tensor:
+    """This rank's share of a step's global batch: every world_size-th index from `rank`, as
+    `DistributedSampler` deals them. The global batch is the same permutation slice a single process with
+    the global batch size would take, so a run on N ranks sees the same batches as one process."""
+    if d is None:
+        return global_idx
+    return global_idx[d.rank :: d.world_size]
+
+
+def agree(status: str | None, d: Dist | None) -> str | None:
+    """The strongest stop reason any rank has (Ctrl-C/SIGTERM > finished > time budget), so all ranks stop
+    after the same step: a rank that stopped alone would leave the others waiting in a collective."""
+    if d is None:
+        return status
+    code = torch.tensor([STOP_CODES[status]], dtype=torch.int64)
+    if d.backend == "nccl":
+        code = code.cuda()
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    return {v: k for k, v in STOP_CODES.items()}[int(code.item())]
+
+
+def make_distributed_loss(kind: str, d: Dist) -> torch.nn.Module:
+    """open_clip's losses as its own trainer configures them at scale: local loss over features gathered
+    with gradients (CLIP); SigLIP exchanges text features with the neighbouring ranks."""
+    if kind == "clip":
+        return ClipLoss(
+            local_loss=True, gather_with_grad=True, cache_labels=True, rank=d.rank, world_size=d.world_size
+        )
+    if kind == "siglip":
+        return SigLipLoss(rank=d.rank, world_size=d.world_size)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+class Towers(torch.nn.Module):
+    """The forward pass of one training step as a module, so DDP can hook it: pixels and the text input
+    (tokens, or a frozen text trunk's cached features) in, unit image and text embeddings out."""
+
+    def __init__(self, model: torch.nn.Module, frozen_head: Callable[[torch.Tensor], torch.Tensor] | None):
+        super().__init__()
+        self.model = model
+        self.frozen_head = frozen_head  # `FrozenText.embed`: its trainable part is a submodule of `model`
+
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m: Any = self.model
+        image = m.encode_image(pixels, normalize=True)
+        if self.frozen_head is not None:
+            return image, self.frozen_head(text)
+        return image, m.encode_text(text, normalize=True)
+
+
+def wrap(towers: Towers, d: Dist, device: torch.device) -> torch.nn.Module:
+    """DDP over `towers`: rank 0's weights broadcast to every rank, gradients averaged in buckets during
+    backward. BatchNorm becomes SyncBatchNorm on GPUs (torch synchronises batch statistics on GPUs only; on
+    the CPU each rank normalises with its local batch's statistics, stated in docs/scale.md)."""
+    if device.type == "cuda":
+        towers.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(towers.model)
+    return DistributedDataParallel(
+        towers,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        # logit_scale/bias take part through the loss, not the forward; every trainable weight gets a
+        # gradient each step, so no search for unused parameters is needed.
+        find_unused_parameters=False,
+    )
+
+
+def launch(nproc: int, args: list[str]) -> None:
+    """`clipsearch ARGS` in `nproc` processes on this machine through torch's own launcher, exactly as
+    `torchrun --standalone --nproc-per-node NPROC -m clipsearch ARGS` would run it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    ns = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", "clipsearch", *args]
+    )
+    try:
+        run(ns)
+    except ChildFailedError as e:
+        ranks = ", ".join(str(f.local_rank) for f in e.failures.values())
+        raise DistributedError(
+            f"training process(es) {ranks} of {nproc} failed; the error is printed above"
+        ) from None
