@@ -23,7 +23,7 @@ from typing import Any, Literal
 import open_clip
 import torch
 
-from indexer.core.architectures import model_config, resolve_model_name
+from indexer.core.architectures import model_config, resolve_model_name, start_weights
 from indexer.core.modeldir import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -33,6 +33,7 @@ from indexer.core.modeldir import (
     require_model_dir,
     save_model_dir,
 )
+from indexer.core.tower_weights import load_image_tower
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +204,17 @@ def load_reference(
     """Build the model a reference names, with its weights; every error a user can fix is a `ModelError`.
 
     `model_kwargs` go to open_clip (e.g. `init_logit_bias` for a SigLIP loss). An `untrained` reference
-    (an architecture alone) is randomly initialised: what training from scratch starts from.
+    (an architecture alone) is what training from scratch starts from: randomly initialised, except the
+    towers its config names starting weights for (a shipped `small-pt`: ImageNet for the image tower,
+    MiniLM for the text tower), with the preprocessing those weights expect.
     """
     kind = kind_of(ref)
     if kind == "hub":
         return _load_hub(ref, device, cache_dir, **model_kwargs)
     name, cfg, kw = _architecture(ref)
+    start = start_weights(name) if not name.startswith(LOCAL_DIR_PREFIX) else None
+    if start is not None:
+        kw |= _preprocess_kwargs(dict(start.preprocess))  # a tag's or model dir's own preprocessing wins
     weights: Path | None = None
     if kind == "tag":
         assert ref.pretrained is not None
@@ -230,6 +236,9 @@ def load_reference(
     model, preprocess = _build(name, device, **kw, **model_kwargs)
     if weights is not None:
         load_weights(model, weights, str(ref.pretrained))
+    elif start is not None and start.image_tower is not None:
+        n = load_image_tower(model, start.image_tower, start.image_format)
+        log.info("image tower of %s: %d tensors from %s", name, n, start.image_tower)
     return LoadedModel(model, name, cfg, preprocess, open_clip.get_tokenizer(name), ref.label())
 
 
