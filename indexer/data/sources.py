@@ -22,6 +22,7 @@ from indexer.core.images import IMAGE_EXTENSIONS
 
 DEFAULT_IMAGE_COLUMN = "filepath"
 DEFAULT_CAPTION_COLUMN = "caption"
+DEFAULT_LABEL_COLUMN = "label"  # read when present: class labels, for zero-shot classification
 CAPTION_FALLBACKS = ("caption", "title", "text")
 IMAGE_FALLBACKS = ("filepath", "image", "path", "file", "url")
 
@@ -40,6 +41,7 @@ class Record:
 
     key: str
     captions: tuple[str, ...] = ()
+    labels: tuple[str, ...] = field(default=(), compare=False)  # class labels (a label column), if any
     path: Path | None = None
     shard: Path | None = None
     member: str | None = None
@@ -88,6 +90,7 @@ class SourceSpec:
     source: str
     image_column: str = DEFAULT_IMAGE_COLUMN
     caption_column: str = DEFAULT_CAPTION_COLUMN
+    label_column: str = DEFAULT_LABEL_COLUMN  # optional: rows without the column have no labels
 
 
 def read_records(spec: SourceSpec) -> list[Record]:
@@ -109,9 +112,9 @@ def read_records(spec: SourceSpec) -> list[Record]:
         return list(iter_folder(path))
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        return read_table(path, spec.image_column, spec.caption_column)
+        return read_table(path, spec.image_column, spec.caption_column, spec.label_column)
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return read_jsonl(path, spec.image_column, spec.caption_column)
+        return read_jsonl(path, spec.image_column, spec.caption_column, spec.label_column)
     raise DataError(f"{src}: unknown source kind; use a folder, .csv/.tsv, .jsonl or .tar shards")
 
 
@@ -141,13 +144,20 @@ def _pick_column(found: Sequence[str], wanted: str, fallbacks: Sequence[str], wh
     )
 
 
-def _group(rows: Iterator[tuple[Path, str]]) -> list[Record]:
+Row = tuple[Path, str, Sequence[str]]  # image path, caption ("" for none), labels
+
+
+def _group(rows: Iterable[Row]) -> list[Record]:
     captions: dict[Path, list[str]] = {}
-    for path, caption in rows:
-        caps = captions.setdefault(path, [])
+    labels: dict[Path, list[str]] = {}
+    for path, caption, row_labels in rows:
+        caps, labs = captions.setdefault(path, []), labels.setdefault(path, [])
         if caption and caption not in caps:
             caps.append(caption)
-    return [Record(key=str(p), captions=tuple(c), path=p) for p, c in captions.items()]
+        labs.extend(lab for lab in row_labels if lab and lab not in labs)
+    return [
+        Record(key=str(p), captions=tuple(c), labels=tuple(labels[p]), path=p) for p, c in captions.items()
+    ]
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -155,8 +165,12 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def read_table(path: Path, image_column: str, caption_column: str) -> list[Record]:
-    """CSV or TSV with a header (open_clip's format). Relative paths are relative to the file's folder."""
+def read_table(
+    path: Path, image_column: str, caption_column: str, label_column: str = DEFAULT_LABEL_COLUMN
+) -> list[Record]:
+    """CSV or TSV with a header (open_clip's format). Relative paths are relative to the file's folder.
+
+    A `label_column` that the header has gives each image its class labels; without it, none."""
     text = path.read_text(encoding="utf-8-sig")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
@@ -164,17 +178,25 @@ def read_table(path: Path, image_column: str, caption_column: str) -> list[Recor
     img_col = _pick_column(found, image_column, IMAGE_FALLBACKS, "image", path)
     cap_col = _pick_column(found, caption_column, CAPTION_FALLBACKS, "caption", path)
     base = path.parent.resolve()
+    lab_col = label_column if label_column in found else None
     return _group(
-        (_resolve(base, row[img_col]), (row.get(cap_col) or "").strip())
+        (
+            _resolve(base, row[img_col]),
+            (row.get(cap_col) or "").strip(),
+            [(row.get(lab_col) or "").strip()] if lab_col else [],
+        )
         for row in reader
         if (row.get(img_col) or "").strip()
     )
 
 
-def read_jsonl(path: Path, image_column: str, caption_column: str) -> list[Record]:
-    """One JSON object per line; the caption field may be a string or a list of strings."""
+def read_jsonl(
+    path: Path, image_column: str, caption_column: str, label_column: str = DEFAULT_LABEL_COLUMN
+) -> list[Record]:
+    """One JSON object per line; the caption field may be a string or a list of strings, and so may the
+    optional `label_column` field (numbers are read as their text)."""
     base = path.parent.resolve()
-    rows: list[tuple[Path, str]] = []
+    rows: list[Row] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -190,11 +212,15 @@ def read_jsonl(path: Path, image_column: str, caption_column: str) -> list[Recor
             (c for c in (caption_column, "captions", *CAPTION_FALLBACKS) if c in obj), caption_column
         )
         caps = obj.get(cap_col) or []
+        labs = obj.get(label_column)
+        labs = [] if labs is None else labs if isinstance(labs, list) else [labs]
+        labels = [str(x).strip() for x in labs]
+        image = _resolve(base, str(obj[img_col]))
         for cap in [caps] if isinstance(caps, str) else caps:
-            rows.append((_resolve(base, str(obj[img_col])), str(cap).strip()))
+            rows.append((image, str(cap).strip(), labels))
         if not caps:
-            rows.append((_resolve(base, str(obj[img_col])), ""))
-    return _group(iter(rows))
+            rows.append((image, "", labels))
+    return _group(rows)
 
 
 def _read_caption_file(path: Path) -> tuple[str, ...]:
