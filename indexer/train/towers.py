@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from open_clip.hf_model import HFTextEncoder
 
 from indexer.core.errors import ClipsearchError
@@ -35,6 +36,14 @@ def lock_towers(model: Any, lock_image: bool, lock_text: bool, unlocked_layers: 
         raise ConfigError("--unlocked-layers only applies with --lock-image or --lock-text")
     if lock_image:
         model.lock_image_tower(unlocked_groups=unlocked_layers, freeze_bn_stats=True)
+    text = getattr(model, "text", None)
+    if (
+        lock_text
+        and unlocked_layers
+        and isinstance(text, HFTextEncoder)
+        and _lock_hf_layers(text, unlocked_layers)
+    ):
+        return
     if lock_text:
         try:
             model.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=True)
@@ -45,3 +54,22 @@ def lock_towers(model: Any, lock_image: bool, lock_text: bool, unlocked_layers: 
                 f"for it: missing {e}); lock the whole tower (--unlocked-layers 0) or train it "
                 "(--no-lock-text)"
             ) from None
+
+
+def _lock_hf_layers(text: HFTextEncoder, unlocked_layers: int) -> bool:
+    """Freeze a BERT-like tower's embeddings and all but its last `unlocked_layers` layers (the pooler and
+    projection train), as open_clip's HF lock would count them; False when the tower has no such stack.
+    The frozen lower part's output is then cached once per caption (`indexer.train.frozen_text`)."""
+    layers = getattr(getattr(text.transformer, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not hasattr(text.transformer, "embeddings"):
+        return False
+    if unlocked_layers >= len(layers):
+        raise ConfigError(
+            f"--unlocked-layers {unlocked_layers}: the text tower has {len(layers)} layers; "
+            "to train them all, use --no-lock-text"
+        )
+    for module in [text.transformer.embeddings, *layers[: len(layers) - unlocked_layers]]:
+        for p in module.parameters():
+            p.requires_grad = False
+    log.info("text tower: the last %d of %d layers train, the rest are locked", unlocked_layers, len(layers))
+    return True

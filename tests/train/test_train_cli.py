@@ -105,7 +105,7 @@ def test_resume_reuses_the_saved_config(monkeypatch, trained_run) -> None:
         (["--epochs", "2", "--time-budget", "1"], "not both"),
         (["--precision", "fp8"], "--precision must be one of"),
         (["--unlocked-layers", "1", "--no-lock-text"], "only applies with --lock-image or --lock-text"),
-        (["--unlocked-layers", "1"], "not supported for a bert text tower"),  # small's MiniLM, locked
+        (["--unlocked-layers", "6"], "has 6 layers; to train them all"),  # small's MiniLM, locked
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--loss", "triplet"], "unknown loss"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
