@@ -20,6 +20,7 @@ from indexer.train.compact_embedding import compact_token_embedding
 from indexer.train.config import CONFIG_FILE, TrainConfig, config_to_dict
 from indexer.train.curves import MetricsLog
 from indexer.train.data import CachedSplit, PixelPipeline, build_split, pad_id, used_length
+from indexer.train.frozen_image import FrozenImage, freeze_image_features
 from indexer.train.frozen_text import FrozenText, freeze_text_features
 from indexer.train.loss import make_loss
 from indexer.train.model import BuiltModel, build_model
@@ -41,6 +42,7 @@ class TrainData:
     val_pairs: Pairs | None  # val's unique captions and the images each belongs to
     val_tokens: torch.Tensor | None  # tokens of val_pairs.texts
     frozen_text: FrozenText | None  # cached features of a locked text tower
+    frozen_image: FrozenImage | None = None  # cached features of a locked image trunk
 
 
 @dataclass
@@ -126,6 +128,14 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
     )
     compact_token_embedding(built.model, torch.cat(seen))
     data.frozen_text = freeze_text_features(built.model, data.train.tokens, data.val_tokens, device)
+    data.frozen_image = freeze_image_features(
+        built.model,
+        data.train.pixels,
+        data.val.pixels if data.val is not None else None,
+        data.pipeline.normalise,
+        cfg.crop_scale,
+        device,
+    )
     o = cfg.optim
     optimizer = make_optimizer(built.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     micro = min(o.batch_size, data.train.n_pairs)
@@ -164,6 +174,7 @@ def write_run_config(run: Run) -> None:
             "model_cfg": run.built.model_cfg,
             "text_locked": run.built.text_locked,
             "text_features_cached": d.frozen_text.what if d.frozen_text else None,
+            "image_features_cached": d.frozen_image is not None,
             "device": str(run.device),
             "train_images": len(d.train.pixels),
             "train_pairs": d.train.n_pairs,
