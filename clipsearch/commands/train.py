@@ -49,7 +49,15 @@ def train(
         str | None,
         typer.Option(help="open_clip tag, checkpoint file, or model dir of an earlier run (fine-tune)."),
     ] = None,
-    lock_image: Annotated[bool, typer.Option(help="Freeze the image tower (LiT).")] = False,
+    lock_image: Annotated[
+        bool | None,
+        typer.Option(
+            "--lock-image/--no-lock-image",
+            help="Freeze the image tower (LiT). Default: frozen when the config starts it from pretrained "
+            "weights (small-pt), trained otherwise.",
+            show_default=False,
+        ),
+    ] = None,
     lock_text: Annotated[
         bool | None,
         typer.Option(

@@ -71,6 +71,7 @@ class LoadedModel:
     preprocess: Any  # open_clip's eval transform
     tokenizer: Any
     label: str
+    image_pretrained: bool = False  # the image tower starts from its config's pretrained weights
 
 
 def _is_dir(value: str) -> bool:
@@ -239,7 +240,9 @@ def load_reference(
     elif start is not None and start.image_tower is not None:
         n = load_image_tower(model, start.image_tower, start.image_format)
         log.info("image tower of %s: %d tensors from %s", name, n, start.image_tower)
-    return LoadedModel(model, name, cfg, preprocess, open_clip.get_tokenizer(name), ref.label())
+    image_pretrained = weights is None and start is not None and start.image_tower is not None
+    tokenizer = open_clip.get_tokenizer(name)
+    return LoadedModel(model, name, cfg, preprocess, tokenizer, ref.label(), image_pretrained)
 
 
 def _load_hub(ref: ModelReference, device: str, cache_dir: str | None, **model_kwargs: Any) -> LoadedModel:

@@ -173,6 +173,7 @@ def write_run_config(run: Run) -> None:
             "model_name": run.built.name,
             "model_cfg": run.built.model_cfg,
             "text_locked": run.built.text_locked,
+            "image_locked": run.built.image_locked,
             "text_features_cached": d.frozen_text.what if d.frozen_text else None,
             "image_features_cached": d.frozen_image is not None,
             "device": str(run.device),

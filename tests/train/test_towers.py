@@ -144,3 +144,17 @@ def test_saving_without_a_tokenizer_at_hand_still_writes_one(tmp_path: Path, cnn
     out = save_model_dir(open_clip.create_model(name), model_config(name), tmp_path / "model")
     assert (out / "tokenizer.json").is_file()
     assert Encoder.from_dir(out, "cpu").encode_texts(["a red square"]).shape == (1, 32)
+
+
+def test_an_image_tower_that_starts_pretrained_is_locked_by_default() -> None:
+    """small-pt's ImageNet EfficientNet is locked (LiT) unless --no-lock-image; small's random CNN trains."""
+    from indexer.train.config import ModelSpec
+    from indexer.train.model import build_model
+
+    cpu = torch.device("cpu")
+    built = build_model(ModelSpec(model="small-pt"), "clip", cpu)
+    assert built.image_locked and built.text_locked
+    assert not any(p.requires_grad for p in built.model.visual.trunk.parameters())
+    assert built.model.visual.head.proj.weight.requires_grad
+    assert not build_model(ModelSpec(model="small-pt", lock_image=False), "clip", cpu).image_locked
+    assert not build_model(ModelSpec(model="small"), "clip", cpu).image_locked
