@@ -70,6 +70,12 @@ def train(
     unlocked_layers: Annotated[
         int, typer.Option(help="With a lock: leave the last N layers/groups trainable.")
     ] = 0,
+    unlocked_text_layers: Annotated[
+        int | None,
+        typer.Option(
+            help="The text tower's own --unlocked-layers (the image tower keeps --unlocked-layers)."
+        ),
+    ] = None,
     loss: Annotated[str, typer.Option(help="clip (symmetric InfoNCE) or siglip (sigmoid).")] = "clip",
     epochs: Annotated[
         int | None, typer.Option(help="Passes over the data (10 when no --time-budget is given).")
@@ -131,7 +137,9 @@ def train(
                 out=out,
                 train=SourceSpec(train, image_column, caption_column),
                 val=_source(val, image_column, caption_column),
-                model=ModelSpec(model, pretrained, lock_image, lock_text, unlocked_layers),
+                model=ModelSpec(
+                    model, pretrained, lock_image, lock_text, unlocked_layers, unlocked_text_layers
+                ),
                 optim=OptimConfig(
                     lr=lr,
                     weight_decay=weight_decay,

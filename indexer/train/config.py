@@ -27,6 +27,9 @@ class ModelSpec:
     lock_image: bool | None = None  # None: locked when the config starts it from pretrained weights
     lock_text: bool | None = None  # None: locked when the text tower is a pretrained HF language model
     unlocked_layers: int = 0  # with a lock: the last N layers (groups for the image tower) stay trainable
+    unlocked_text_layers: int | None = (
+        None  # the text tower's own N (open_clip_train's split); None: the above
+    )
 
 
 @dataclass(frozen=True)

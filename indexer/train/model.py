@@ -77,7 +77,7 @@ def build_model(spec: ModelSpec, loss: str, device: torch.device) -> BuiltModel:
     model = loaded.model
     lock_text = should_lock_text(spec, model)
     lock_image = should_lock_image(spec, loaded.image_pretrained)
-    lock_towers(model, lock_image, lock_text, spec.unlocked_layers)
+    lock_towers(model, lock_image, lock_text, spec.unlocked_layers, spec.unlocked_text_layers)
     model_cfg = dict(loaded.model_cfg)
     model_cfg.update({k: v for k, v in extra.items() if k == "init_logit_bias"})
     return BuiltModel(

@@ -41,13 +41,19 @@ def should_lock_image(spec: ModelSpec, image_pretrained: bool) -> bool:
     return image_pretrained
 
 
-def lock_towers(model: Any, lock_image: bool, lock_text: bool, unlocked_layers: int) -> None:
+def lock_towers(
+    model: Any, lock_image: bool, lock_text: bool, unlocked_layers: int, unlocked_text: int | None = None
+) -> None:
     """Freeze the towers asked for; the last `unlocked_layers` layer groups of a locked tower stay
-    trainable. A locked image tower also keeps its batch-norm statistics frozen, as LiT does."""
+    trainable (`unlocked_text`, when given, is the text tower's own count, as open_clip_train splits
+    them). A locked image tower also keeps its batch-norm statistics frozen, as LiT does."""
     if unlocked_layers and not (lock_image or lock_text):
         raise ConfigError("--unlocked-layers only applies with --lock-image or --lock-text")
+    if unlocked_text and not lock_text:
+        raise ConfigError("--unlocked-text-layers only applies with a locked text tower")
     if lock_image:
         model.lock_image_tower(unlocked_groups=unlocked_layers, freeze_bn_stats=True)
+    unlocked_layers = unlocked_layers if unlocked_text is None else unlocked_text
     text = getattr(model, "text", None)
     if (
         lock_text
