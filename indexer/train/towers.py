@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from open_clip.hf_model import HFTextEncoder
+from timm.layers import freeze_batch_norm_2d
 
 from indexer.core.errors import ClipsearchError
 from indexer.train.config import ConfigError, ModelSpec
@@ -52,7 +53,7 @@ def lock_towers(
     if unlocked_text and not lock_text:
         raise ConfigError("--unlocked-text-layers only applies with a locked text tower")
     if lock_image:
-        model.lock_image_tower(unlocked_groups=unlocked_layers, freeze_bn_stats=True)
+        _lock_image(model, unlocked_layers)
     unlocked_layers = unlocked_layers if unlocked_text is None else unlocked_text
     text = getattr(model, "text", None)
     if (
@@ -72,6 +73,28 @@ def lock_towers(
                 f"for it: missing {e}); lock the whole tower (--unlocked-layers 0) or train it "
                 "(--no-lock-text)"
             ) from None
+
+
+def _lock_image(model: Any, unlocked_groups: int) -> None:
+    """open_clip's image lock, with the frozen part's batch norms frozen by timm for a timm trunk.
+
+    open_clip's `freeze_batch_norm_2d` turns timm's `BatchNormAct2d` (norm + activation, as EfficientNet
+    has) into a plain `FrozenBatchNorm2d`, dropping the activation: the locked tower then computes
+    something else than the saved model does. timm's own freeze keeps it (`FrozenBatchNormAct2d`)."""
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if not isinstance(trunk, torch.nn.Module):
+        model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=True)
+        return
+    model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=False)
+    _freeze_locked_batch_norms(trunk)
+
+
+def _freeze_locked_batch_norms(module: torch.nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d) and not any(p.requires_grad for p in child.parameters()):
+            setattr(module, name, freeze_batch_norm_2d(child))
+        else:
+            _freeze_locked_batch_norms(child)
 
 
 def _lock_hf_layers(text: HFTextEncoder, unlocked_layers: int) -> bool:
