@@ -51,7 +51,15 @@ def train(
         str | None,
         typer.Option(help="open_clip tag, checkpoint file, or model dir of an earlier run (fine-tune)."),
     ] = None,
-    lock_image: Annotated[bool, typer.Option(help="Freeze the image tower (LiT).")] = False,
+    lock_image: Annotated[
+        bool | None,
+        typer.Option(
+            "--lock-image/--no-lock-image",
+            help="Freeze the image tower (LiT). Default: frozen when the config starts it from pretrained "
+            "weights (small-pt), trained otherwise.",
+            show_default=False,
+        ),
+    ] = None,
     lock_text: Annotated[
         bool | None,
         typer.Option(
@@ -64,6 +72,12 @@ def train(
     unlocked_layers: Annotated[
         int, typer.Option(help="With a lock: leave the last N layers/groups trainable.")
     ] = 0,
+    unlocked_text_layers: Annotated[
+        int | None,
+        typer.Option(
+            help="The text tower's own --unlocked-layers (the image tower keeps --unlocked-layers)."
+        ),
+    ] = None,
     loss: Annotated[str, typer.Option(help="clip (symmetric InfoNCE) or siglip (sigmoid).")] = "clip",
     epochs: Annotated[
         int | None, typer.Option(help="Passes over the data (10 when no --time-budget is given).")
@@ -135,7 +149,9 @@ def train(
                 out=out,
                 train=SourceSpec(train, image_column, caption_column),
                 val=_source(val, image_column, caption_column),
-                model=ModelSpec(model, pretrained, lock_image, lock_text, unlocked_layers),
+                model=ModelSpec(
+                    model, pretrained, lock_image, lock_text, unlocked_layers, unlocked_text_layers
+                ),
                 optim=OptimConfig(
                     lr=lr,
                     weight_decay=weight_decay,

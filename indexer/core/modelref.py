@@ -23,7 +23,7 @@ from typing import Any, Literal
 import open_clip
 import torch
 
-from indexer.core.architectures import model_config, resolve_model_name
+from indexer.core.architectures import model_config, resolve_model_name, start_weights
 from indexer.core.modeldir import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -33,6 +33,7 @@ from indexer.core.modeldir import (
     require_model_dir,
     save_model_dir,
 )
+from indexer.core.tower_weights import load_image_tower
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class LoadedModel:
     preprocess: Any  # open_clip's eval transform
     tokenizer: Any
     label: str
+    image_pretrained: bool = False  # the image tower starts from its config's pretrained weights
 
 
 def _is_dir(value: str) -> bool:
@@ -203,12 +205,17 @@ def load_reference(
     """Build the model a reference names, with its weights; every error a user can fix is a `ModelError`.
 
     `model_kwargs` go to open_clip (e.g. `init_logit_bias` for a SigLIP loss). An `untrained` reference
-    (an architecture alone) is randomly initialised: what training from scratch starts from.
+    (an architecture alone) is what training from scratch starts from: randomly initialised, except the
+    towers its config names starting weights for (a shipped `small-pt`: ImageNet for the image tower,
+    MiniLM for the text tower), with the preprocessing those weights expect.
     """
     kind = kind_of(ref)
     if kind == "hub":
         return _load_hub(ref, device, cache_dir, **model_kwargs)
     name, cfg, kw = _architecture(ref)
+    start = start_weights(name) if not name.startswith(LOCAL_DIR_PREFIX) else None
+    if start is not None:
+        kw |= _preprocess_kwargs(dict(start.preprocess))  # a tag's or model dir's own preprocessing wins
     weights: Path | None = None
     if kind == "tag":
         assert ref.pretrained is not None
@@ -230,7 +237,12 @@ def load_reference(
     model, preprocess = _build(name, device, **kw, **model_kwargs)
     if weights is not None:
         load_weights(model, weights, str(ref.pretrained))
-    return LoadedModel(model, name, cfg, preprocess, open_clip.get_tokenizer(name), ref.label())
+    elif start is not None and start.image_tower is not None:
+        n = load_image_tower(model, start.image_tower, start.image_format)
+        log.info("image tower of %s: %d tensors from %s", name, n, start.image_tower)
+    image_pretrained = weights is None and start is not None and start.image_tower is not None
+    tokenizer = open_clip.get_tokenizer(name)
+    return LoadedModel(model, name, cfg, preprocess, tokenizer, ref.label(), image_pretrained)
 
 
 def _load_hub(ref: ModelReference, device: str, cache_dir: str | None, **model_kwargs: Any) -> LoadedModel:

@@ -30,6 +30,7 @@ RESERVED_FIELDS = frozenset({*BUILTIN_FIELDS, "any", "id", "kind", "text", "sha2
 
 DEFAULT_IMAGE_COLUMN = "filepath"
 DEFAULT_CAPTION_COLUMN = "caption"
+DEFAULT_LABEL_COLUMN = "label"  # read when present: class labels, for zero-shot classification
 CAPTION_FALLBACKS = ("caption", "title", "text")
 IMAGE_FALLBACKS = ("filepath", "image", "path", "file", "url")
 
@@ -48,6 +49,7 @@ class Record:
 
     key: str
     captions: tuple[str, ...] = ()
+    labels: tuple[str, ...] = field(default=(), compare=False)  # class labels (a label column), if any
     path: Path | None = None
     shard: Path | None = None
     member: str | None = None
@@ -97,6 +99,7 @@ class SourceSpec:
     image_column: str = DEFAULT_IMAGE_COLUMN
     caption_column: str = DEFAULT_CAPTION_COLUMN
     exclude: tuple[str, ...] = ()  # globs (`--exclude`): a path or any of its names matching one is left out
+    label_column: str = DEFAULT_LABEL_COLUMN  # optional: rows without the column have no labels
 
 
 def excluded(parts: Sequence[str], patterns: Sequence[str]) -> bool:
@@ -146,9 +149,13 @@ def read_records(spec: SourceSpec) -> list[Record]:
     suffix = path.suffix.lower()
     base = path.parent.resolve()
     if suffix in (".csv", ".tsv"):
-        return _drop_excluded(read_table(path, spec.image_column, spec.caption_column), spec.exclude, base)
+        return _drop_excluded(
+            read_table(path, spec.image_column, spec.caption_column, spec.label_column), spec.exclude, base
+        )
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return _drop_excluded(read_jsonl(path, spec.image_column, spec.caption_column), spec.exclude, base)
+        return _drop_excluded(
+            read_jsonl(path, spec.image_column, spec.caption_column, spec.label_column), spec.exclude, base
+        )
     raise DataError(f"{src}: unknown source kind; use a folder, .csv/.tsv, .jsonl or .tar shards")
 
 
@@ -178,17 +185,26 @@ def _pick_column(found: Sequence[str], wanted: str, fallbacks: Sequence[str], wh
     )
 
 
-def _group(rows: Iterable[tuple[Path, str, UserFields]]) -> list[Record]:
-    """One record per path: its captions in order, its user fields (a later row adds, never replaces)."""
+Row = tuple[Path, str, UserFields, Sequence[str]]  # image path, caption ("" for none), user fields, labels
+
+
+def _group(rows: Iterable[Row]) -> list[Record]:
+    """One record per path: its captions and labels in order, its user fields (a later row adds, never
+    replaces)."""
     captions: dict[Path, list[str]] = {}
+    labels: dict[Path, list[str]] = {}
     extras: dict[Path, dict[str, Any]] = {}
-    for path, caption, extra in rows:
-        caps = captions.setdefault(path, [])
+    for path, caption, extra, row_labels in rows:
+        caps, labs = captions.setdefault(path, []), labels.setdefault(path, [])
         if caption and caption not in caps:
             caps.append(caption)
+        labs.extend(lab for lab in row_labels if lab and lab not in labs)
         mine = extras.setdefault(path, {})
         mine.update((k, v) for k, v in extra.items() if k not in mine)
-    return [Record(key=str(p), captions=tuple(c), path=p, extra=extras[p]) for p, c in captions.items()]
+    return [
+        Record(key=str(p), captions=tuple(c), labels=tuple(labels[p]), path=p, extra=extras[p])
+        for p, c in captions.items()
+    ]
 
 
 _INT = re.compile(r"^[+-]?\d{1,18}$")
@@ -258,8 +274,12 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def read_table(path: Path, image_column: str, caption_column: str) -> list[Record]:
-    """CSV or TSV with a header (open_clip's format). Relative paths are relative to the file's folder."""
+def read_table(
+    path: Path, image_column: str, caption_column: str, label_column: str = DEFAULT_LABEL_COLUMN
+) -> list[Record]:
+    """CSV or TSV with a header (open_clip's format). Relative paths are relative to the file's folder.
+
+    A `label_column` that the header has gives each image its class labels; without it, none."""
     text = path.read_text(encoding="utf-8-sig")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
@@ -267,11 +287,17 @@ def read_table(path: Path, image_column: str, caption_column: str) -> list[Recor
     img_col = _pick_column(found, image_column, IMAGE_FALLBACKS, "image", path)
     cap_col = _pick_column(found, caption_column, CAPTION_FALLBACKS, "caption", path)
     base = path.parent.resolve()
+    lab_col = label_column if label_column in found else None
     rows = [row for row in reader if (row.get(img_col) or "").strip()]
-    others = [c for c in found if c not in (img_col, cap_col)]
+    others = [c for c in found if c not in (img_col, cap_col, lab_col)]
     types = _typed_columns(rows, others)
     return _group(
-        (_resolve(base, row[img_col]), (row.get(cap_col) or "").strip(), _row_fields(row, types, path))
+        (
+            _resolve(base, row[img_col]),
+            (row.get(cap_col) or "").strip(),
+            _row_fields(row, types, path),
+            [(row.get(lab_col) or "").strip()] if lab_col else [],
+        )
         for row in rows
     )
 
@@ -285,10 +311,13 @@ def _row_fields(row: Mapping[str, str | None], types: Mapping[str, type], where:
     return user_fields(typed, str(where))
 
 
-def read_jsonl(path: Path, image_column: str, caption_column: str) -> list[Record]:
-    """One JSON object per line; the caption field may be a string or a list of strings."""
+def read_jsonl(
+    path: Path, image_column: str, caption_column: str, label_column: str = DEFAULT_LABEL_COLUMN
+) -> list[Record]:
+    """One JSON object per line; the caption field may be a string or a list of strings, and so may the
+    optional `label_column` field (numbers are read as their text)."""
     base = path.parent.resolve()
-    rows: list[tuple[Path, str, UserFields]] = []
+    rows: list[Row] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -304,11 +333,15 @@ def read_jsonl(path: Path, image_column: str, caption_column: str) -> list[Recor
             (c for c in (caption_column, "captions", *CAPTION_FALLBACKS) if c in obj), caption_column
         )
         caps = obj.get(cap_col) or []
-        extra = user_fields(obj, f"{path}:{n}", skip=(img_col, cap_col))
+        extra = user_fields(obj, f"{path}:{n}", skip=(img_col, cap_col, label_column))
+        labs = obj.get(label_column)
+        labs = [] if labs is None else labs if isinstance(labs, list) else [labs]
+        labels = [str(x).strip() for x in labs]
+        image = _resolve(base, str(obj[img_col]))
         for cap in [caps] if isinstance(caps, str) else caps:
-            rows.append((_resolve(base, str(obj[img_col])), str(cap).strip(), extra))
+            rows.append((image, str(cap).strip(), extra, labels))
         if not caps:
-            rows.append((_resolve(base, str(obj[img_col])), "", extra))
+            rows.append((image, "", extra, labels))
     return _group(rows)
 
 

@@ -24,9 +24,12 @@ class ModelSpec:
 
     model: str | None = None  # shipped name, open_clip name, JSON path or model dir; None: `small`
     pretrained: str | None = None  # open_clip tag, checkpoint file, or model dir of an earlier run
-    lock_image: bool = False
+    lock_image: bool | None = None  # None: locked when the config starts it from pretrained weights
     lock_text: bool | None = None  # None: locked when the text tower is a pretrained HF language model
     unlocked_layers: int = 0  # with a lock: the last N layers (groups for the image tower) stay trainable
+    unlocked_text_layers: int | None = (
+        None  # the text tower's own N (open_clip_train's split); None: the above
+    )
 
 
 @dataclass(frozen=True)

@@ -119,17 +119,28 @@ def make_distributed_loss(kind: str, d: Dist) -> torch.nn.Module:
 
 
 class Towers(torch.nn.Module):
-    """The forward pass of one training step as a module, so DDP can hook it: pixels and the text input
-    (tokens, or a frozen text trunk's cached features) in, unit image and text embeddings out."""
+    """The forward pass of one training step as a module, so DDP can hook it: the image input (pixels, or a
+    locked image trunk's cached features) and the text input (tokens, or a frozen text trunk's cached
+    features) in, unit image and text embeddings out."""
 
-    def __init__(self, model: torch.nn.Module, frozen_head: Callable[[torch.Tensor], torch.Tensor] | None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        frozen_head: Callable[[torch.Tensor], torch.Tensor] | None,
+        frozen_image_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.model = model
-        self.frozen_head = frozen_head  # `FrozenText.embed`: its trainable part is a submodule of `model`
+        # `FrozenText.embed` / `FrozenImage.embed`: their trainable parts are submodules of `model`
+        self.frozen_head = frozen_head
+        self.frozen_image_head = frozen_image_head
 
-    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image_in: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m: Any = self.model
-        image = m.encode_image(pixels, normalize=True)
+        if self.frozen_image_head is not None:
+            image = self.frozen_image_head(image_in)
+        else:
+            image = m.encode_image(image_in, normalize=True)
         if self.frozen_head is not None:
             return image, self.frozen_head(text)
         return image, m.encode_text(text, normalize=True)

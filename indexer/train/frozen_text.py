@@ -9,6 +9,13 @@ locks the transformer and leaves `proj` trainable).
 
 Inference mode means the frozen transformer runs without dropout, as a frozen tower should (the LiT
 recipe); open_clip_train would run it in train mode and add dropout noise to features it never trains.
+
+With `--unlocked-layers N` on a Hugging Face tower (BERT-like: embeddings, then a stack of layers), only
+the last N layers train: the output of the frozen embeddings and lower layers is what is cached, one
+(tokens, width) matrix per caption, and each step runs the N top layers, the pooler and the projection.
+open_clip cannot unlock layers of a BERT tower at all; here the text side adapts to the captions at a
+fraction of the cost of training it whole. Padding positions are cached as zeros, and a zero row is how
+the head finds the padding again (a real token's hidden state is never exactly zero).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import open_clip
@@ -34,7 +42,7 @@ class FrozenText:
     train: torch.Tensor  # (n_pairs, d), row i for train pair i
     val: torch.Tensor | None  # (n_val_texts, d)
     head: Callable[[torch.Tensor], torch.Tensor]  # trunk features -> text embedding (unnormalised)
-    what: str  # "tower" (all frozen) or "transformer" (projection trains)
+    what: str  # "tower" (all frozen), "transformer" (projection trains) or "layers L+" (top layers train)
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(self.head(feats), dim=-1)
@@ -63,7 +71,60 @@ def _trunk(
                 return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
 
             return pooled, text.proj, "transformer"
+        return _partial_trunk(text)
     return None
+
+
+def _layers(text: HFTextEncoder) -> tuple[torch.nn.Module, torch.nn.ModuleList] | None:
+    """(embeddings, layer stack) of a BERT-like Hugging Face transformer, else None."""
+    embeddings = getattr(text.transformer, "embeddings", None)
+    layers = getattr(getattr(text.transformer, "encoder", None), "layer", None)
+    if isinstance(embeddings, torch.nn.Module) and isinstance(layers, torch.nn.ModuleList):
+        return embeddings, layers
+    return None
+
+
+def frozen_layer_count(text: HFTextEncoder) -> int | None:
+    """How many bottom layers of the stack are frozen (with the embeddings), when only top layers train."""
+    found = _layers(text)
+    if found is None or any(p.requires_grad for p in found[0].parameters()):
+        return None
+    frozen = [not any(p.requires_grad for p in layer.parameters()) for layer in found[1]]
+    n = frozen.index(False) if False in frozen else len(frozen)
+    return n if 0 < n < len(frozen) and not any(frozen[n:]) else None
+
+
+def _partial_trunk(
+    text: HFTextEncoder,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], str] | None:
+    n = frozen_layer_count(text)
+    found = _layers(text)
+    if n is None or found is None or not isinstance(text.pooler, (open_clip.hf_model.MeanPooler,)):
+        return None
+    embeddings, layers = found
+
+    def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # [batch, 1, 1, tokens]: 0 where attended, the dtype's minimum on padding (BERT's own convention)
+        return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def run(hidden: torch.Tensor, mask: torch.Tensor, stack: Any) -> torch.Tensor:
+        bias = additive(mask, hidden.dtype)
+        for layer in stack:
+            out = layer(hidden, bias)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def lower(tokens: torch.Tensor) -> torch.Tensor:
+        mask = (tokens != text.config.pad_token_id).long()
+        hidden = run(embeddings(input_ids=tokens), mask, layers[:n])
+        return hidden * mask.unsqueeze(-1)  # [batch, tokens, width], padding zeroed
+
+    def upper(hidden: torch.Tensor) -> torch.Tensor:
+        mask = (hidden.abs().sum(-1) != 0).long()
+        top = run(hidden, mask, layers[n:])
+        return text.proj(text.pooler(SimpleNamespace(last_hidden_state=top), mask))
+
+    return lower, upper, f"layers 1-{n}"
 
 
 @torch.no_grad()

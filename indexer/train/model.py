@@ -16,7 +16,7 @@ from indexer.core.modelref import ModelReference, load_reference
 from indexer.train.compact_embedding import full_token_embedding
 from indexer.train.config import ModelSpec
 from indexer.train.loss import model_kwargs_for_loss
-from indexer.train.towers import lock_towers, should_lock_text
+from indexer.train.towers import lock_towers, should_lock_image, should_lock_text
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "small"
@@ -33,6 +33,7 @@ class BuiltModel:
     tokenizer: Any
     image_size: int
     text_locked: bool = False
+    image_locked: bool = False
 
     def shorten_context(self, length: int) -> int:
         """Let the text tower run on `length` tokens instead of its full context; returns the length used.
@@ -75,7 +76,8 @@ def build_model(spec: ModelSpec, loss: str, device: torch.device) -> BuiltModel:
     loaded = load_reference(_reference(spec), "cpu", **extra)
     model = loaded.model
     lock_text = should_lock_text(spec, model)
-    lock_towers(model, spec.lock_image, lock_text, spec.unlocked_layers)
+    lock_image = should_lock_image(spec, loaded.image_pretrained)
+    lock_towers(model, lock_image, lock_text, spec.unlocked_layers, spec.unlocked_text_layers)
     model_cfg = dict(loaded.model_cfg)
     model_cfg.update({k: v for k, v in extra.items() if k == "init_logit_bias"})
     return BuiltModel(
@@ -86,4 +88,5 @@ def build_model(spec: ModelSpec, loss: str, device: torch.device) -> BuiltModel:
         tokenizer=loaded.tokenizer,  # a model dir's own tokenizer files
         image_size=image_size_of(model),
         text_locked=lock_text,
+        image_locked=lock_image,
     )

@@ -21,6 +21,7 @@ from indexer.train.config import CONFIG_FILE, ConfigError, TrainConfig, config_t
 from indexer.train.curves import MetricsLog
 from indexer.train.data import CachedSplit, PixelPipeline, build_split, pad_id, used_length
 from indexer.train.distributed import Dist, Towers, init_from_env, make_distributed_loss, wrap
+from indexer.train.frozen_image import FrozenImage, freeze_image_features
 from indexer.train.frozen_text import FrozenText, freeze_text_features
 from indexer.train.loss import make_loss
 from indexer.train.model import BuiltModel, build_model
@@ -42,6 +43,7 @@ class TrainData:
     val_pairs: Pairs | None  # val's unique captions and the images each belongs to
     val_tokens: torch.Tensor | None  # tokens of val_pairs.texts
     frozen_text: FrozenText | None  # cached features of a locked text tower
+    frozen_image: FrozenImage | None = None  # cached features of a locked image trunk
 
 
 @dataclass
@@ -140,6 +142,14 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
     )
     compact_token_embedding(built.model, torch.cat(seen))
     data.frozen_text = freeze_text_features(built.model, data.train.tokens, data.val_tokens, device)
+    data.frozen_image = freeze_image_features(
+        built.model,
+        data.train.pixels,
+        data.val.pixels if data.val is not None else None,
+        data.pipeline.normalise,
+        cfg.crop_scale,
+        device,
+    )
     o = cfg.optim
     optimizer = make_optimizer(built.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     micro = min(o.batch_size, data.train.n_pairs)
@@ -151,7 +161,11 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
     if resume:
         progress, rng = load_optimizer_state(cfg.out, optimizer)
         generator.set_state(rng)
-    towers: torch.nn.Module = Towers(built.model, data.frozen_text.embed if data.frozen_text else None)
+    towers: torch.nn.Module = Towers(
+        built.model,
+        data.frozen_text.embed if data.frozen_text else None,
+        data.frozen_image.embed if data.frozen_image else None,
+    )
     if d is not None:
         towers = wrap(towers, d, device)  # after resume and every change to the parameters
     fp16 = autocast_dtype(cfg.precision, device) == torch.float16 and device.type == "cuda"
@@ -183,7 +197,9 @@ def write_run_config(run: Run) -> None:
             "model_name": run.built.name,
             "model_cfg": run.built.model_cfg,
             "text_locked": run.built.text_locked,
+            "image_locked": run.built.image_locked,
             "text_features_cached": d.frozen_text.what if d.frozen_text else None,
+            "image_features_cached": d.frozen_image is not None,
             "device": str(run.device),
             "train_images": len(d.train.pixels),
             "train_pairs": d.train.n_pairs,

