@@ -187,6 +187,8 @@ class _EncoderActor:
             "vec": vecs,
             "width": batch["width"],
             "height": batch["height"],
+            "taken_at": batch["taken_at"],
+            "camera": batch["camera"],
             "code": batch["code"],
             "message": batch["message"],
         }
