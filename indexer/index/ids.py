@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +96,9 @@ def save_state(bundles_dir: Path, state: IdState) -> None:
     """Record `state` in one transaction (replacing the previous record); every publish does this first."""
     path = ids_path(bundles_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [("image", key, item_id, sha) for key, (item_id, sha) in state.images.items()]
+    rows: list[tuple[str, str, int, str | None]] = [
+        ("image", key, item_id, sha) for key, (item_id, sha) in state.images.items()
+    ]
     rows += [("text", text, item_id, None) for text, item_id in state.texts.items()]
     next_id = state.next_id
     conn = sqlite3.connect(path)
@@ -106,6 +108,34 @@ def save_state(bundles_dir: Path, state: IdState) -> None:
         with conn:
             conn.execute("DELETE FROM ids")
             conn.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)", rows)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_id', ?)", (str(next_id),))
+    finally:
+        conn.close()
+
+
+def update_state(
+    bundles_dir: Path,
+    images: Mapping[str, tuple[int, str] | None],
+    texts: Mapping[str, int | None],
+    next_id: int,
+) -> None:
+    """Apply a change to the record `save_state` wrote, in one transaction: each key of `images` (path)
+    and `texts` (text) gets its new (id, sha256) or id, or is dropped (None). It costs the change, not
+    the collection (a watcher's delta at 1M items: milliseconds, against seconds for `save_state`)."""
+    path = ids_path(bundles_dir)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    drop = [("image", k) for k, v in images.items() if v is None]
+    drop += [("text", k) for k, v in texts.items() if v is None]
+    put: list[tuple[str, str, int, str | None]] = [
+        ("image", k, v[0], v[1]) for k, v in images.items() if v is not None
+    ]
+    put += [("text", k, v, None) for k, v in texts.items() if v is not None]
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.executemany("DELETE FROM ids WHERE kind = ? AND key = ?", drop)
+            conn.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)", put)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_id', ?)", (str(next_id),))
     finally:
         conn.close()

@@ -31,7 +31,7 @@ from indexer.index.cache import EmbeddingCache, FileStates, ImageFacts
 from indexer.index.compact import Compactor, needs_rebuild
 from indexer.index.embed import embed_images, embed_texts
 from indexer.index.gc import prune
-from indexer.index.ids import IdState, save_state
+from indexer.index.ids import IdState, ids_path, save_state, update_state
 from indexer.index.runner import (
     LazyEncoder,
     ReindexConfig,
@@ -70,6 +70,9 @@ class LiveState:
     skipped: dict[str, Skipped]
     next_id: int
     folders: dict[str, set[str]] = field(default_factory=dict)  # folder -> image keys directly in it
+    # keys whose id changed since the id record was last written (`LiveIndexer._record_ids`)
+    changed_images: set[str] = field(default_factory=set)
+    changed_texts: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, bundle: Bundle, extra: Sequence[str]) -> LiveState:
@@ -112,6 +115,7 @@ class LiveState:
 
     def set_image(self, key: str, image: LiveImage | None) -> None:
         folder = os.path.dirname(key)
+        self.changed_images.add(key)
         if image is None:
             self.images.pop(key, None)
             self.folders.get(folder, set()).discard(key)
@@ -181,6 +185,8 @@ class LiveIndexer:
         self.encoder = LazyEncoder(cfg.model_dir, cfg.device, cfg.embed, fingerprint)
         self.state = LiveState.of(bundle, self._extra())
         self.compactor = Compactor(cfg.bundles_dir, self.cache, cfg.index)
+        self._ids_whole = True  # the next id record is written whole (it may not match this state yet)
+        self._record_ids()  # now, so that the first delta costs only its change
 
     def close(self) -> None:
         self.compactor.wait(timeout=0)
@@ -307,9 +313,11 @@ class LiveIndexer:
             touched = set(order)
         for text in sorted(t for t in touched if t in state.texts and state.owners[t] <= 0):
             delta.owned.add(state.texts.pop(text))
+            state.changed_texts.add(text)
         for text in dict.fromkeys(order):
             if text not in state.texts and state.owners[text] > 0:
                 state.texts[text] = item_id = self._new_id()
+                state.changed_texts.add(text)
                 delta.owned.add(item_id)
                 delta.text_rows.append(Item(id=item_id, kind="text", text=text, sha256=text_sha256(text)))
         state.owners = +state.owners  # drop zero counts
@@ -350,19 +358,38 @@ class LiveIndexer:
         )
         contents = SegmentContents(frozenset(delta.owned), rows, vectors)
         skipped = sorted(self.state.skipped.values(), key=lambda s: s.path)
-        # The id record goes first, as for a full run: a later run must never hand these ids to others.
-        save_state(self.bundles_dir, self.state.id_state())
+        self._record_ids()
         try:
             new = publish_version(
                 self.bundles_dir, self.bundle, delta=contents, skipped=skipped, stats=self._stats(delta)
             )
         except BaseException:
             self.state = LiveState.of(self.bundle, self.state.extra)  # back to what CURRENT holds
+            self._ids_whole = True
             raise
         result = self._swap(new, start, delta, "delta")
         if needs_rebuild(self.bundle):
             self.compactor.start(self.bundle)
         return result
+
+    def _record_ids(self) -> None:
+        """The id record goes first, as for a full run: a later run must never hand these ids to others.
+
+        Written whole after opening or a failed publish, then only what changed (a delta at 1M items
+        would otherwise rewrite a million rows: seconds of every publish, docs/live.md).
+        """
+        state = self.state
+        if self._ids_whole or not ids_path(self.bundles_dir).exists():
+            save_state(self.bundles_dir, state.id_state())
+        else:
+            images = {
+                k: (i.id, i.sha256) if (i := state.images.get(k)) else None for k in state.changed_images
+            }
+            texts = {t: state.texts.get(t) for t in state.changed_texts}
+            update_state(self.bundles_dir, images, texts, state.next_id)
+        state.changed_images.clear()
+        state.changed_texts.clear()
+        self._ids_whole = False
 
     def _swap(self, new: Bundle, start: float, delta: _Delta | None, kind: str) -> LiveResult:
         old, self.bundle = self.bundle, new
@@ -393,8 +420,7 @@ class LiveIndexer:
             return None
         start = time.perf_counter()
         skipped = sorted(self.state.skipped.values(), key=lambda s: s.path)
-        # The id record goes first, as for a full run: a later run must never hand these ids to others.
-        save_state(self.bundles_dir, self.state.id_state())
+        self._record_ids()
         try:
             new = publish_version(self.bundles_dir, self.bundle, base=base, skipped=skipped)
         finally:

@@ -74,3 +74,29 @@ def test_leases(tmp_path):
     assert write_lease(tmp_path, "v1")
     assert leased_versions(tmp_path) == {"v1"}
     assert leased_versions(tmp_path, ttl_s=-1) == set()
+
+
+def test_a_format_1_item_store_still_reads_every_item(tmp_path):
+    """Bundles written before user fields existed (no `fields` table, no folder column) stay servable."""
+    import sqlite3
+
+    from indexer.core.bundle.items import ItemStore
+
+    path = tmp_path / "items.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, path TEXT, text TEXT, sha256 TEXT);"
+        "INSERT INTO items VALUES (0, 'image', '/p/a.jpg', 'a cat', NULL);"
+        "INSERT INTO items VALUES (1, 'text', NULL, 'a dog', NULL);"
+        "PRAGMA user_version = 1;"
+    )
+    conn.commit()
+    conn.close()
+    store = ItemStore(path)
+    items = store.all()
+    assert [(it.id, it.kind, it.path, it.text) for it in items] == [
+        (0, "image", "/p/a.jpg", "a cat"),
+        (1, "text", None, "a dog"),
+    ]
+    assert items[0].folder == "/p" and dict(items[0].fields) == {}
+    assert [it.id for it in store.all("image")] == [0]

@@ -13,6 +13,7 @@ from indexer.core.images import load_image
 from indexer.data.sources import SourceSpec, folder_changes
 from indexer.index import compact
 from indexer.index.embed import EmbedConfig
+from indexer.index.ids import load_ids
 from indexer.index.live import LiveIndexer
 from indexer.index.runner import ReindexConfig
 from indexer.index.watch import WatchConfig, first_pass
@@ -72,6 +73,8 @@ def test_each_change_is_a_delta_serving_what_a_full_run_serves(tiny_model_dir, t
         result = live.apply(folder_changes(folder, [folder / p for p in paths[name]]))
         assert result is not None and result.kind == "delta", name
         assert (result.added, result.updated, result.removed) == expect[name], name
+        # the id record is updated by the change alone, and always equals the state written whole
+        assert load_ids(bundles) == live.state.id_state(), name
     live.close()
     after = served(bundles)
     assert after["segments"] == 5 and read_current(bundles) != first_version

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,11 +160,15 @@ class ItemStore:
         return self.get_many([item_id]).get(item_id)
 
     def _items(self, rows: Sequence[Sequence[Any]], user: Mapping[int, UserFields]) -> list[Item]:
-        items = [
-            Item(**dict(zip(ITEM_COLUMNS, r, strict=True)), fields=user.get(int(r[0]), {})) for r in rows
-        ]
-        if "folder" not in self._have:  # a format-1 file: the folder is the path's
-            items = [replace(it, folder=folder_of(it.path)) for it in items]
+        if "folder" in self._have:
+            return [
+                Item(**dict(zip(ITEM_COLUMNS, r, strict=True)), fields=user.get(int(r[0]), {})) for r in rows
+            ]
+        items = []  # a format-1 file: the folder is the path's
+        for r in rows:
+            values = dict(zip(ITEM_COLUMNS, r, strict=True))
+            values["folder"] = folder_of(values["path"])
+            items.append(Item(**values, fields=user.get(int(r[0]), {})))
         return items
 
     def _fields_of(self, ids: Sequence[int]) -> dict[int, UserFields]:
@@ -223,8 +227,12 @@ class ItemStore:
             sql, args = sql + " WHERE kind = ?", (kind,)
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
-            user = self._conn.execute(f"SELECT id, name, value FROM {USER_FIELDS} ORDER BY rowid").fetchall()
-        return self._items(rows, _collect_fields(user) if self._has_fields else {})
+            user = (
+                self._conn.execute(f"SELECT id, name, value FROM {USER_FIELDS} ORDER BY rowid").fetchall()
+                if self._has_fields
+                else []
+            )
+        return self._items(rows, _collect_fields(user))
 
     def columns(self, kind: ItemKind, names: Sequence[str]) -> tuple[list[int], list[tuple[Any, ...]]]:
         """(ids, rows of `names`) of every item of `kind`, by id: the filters' column reader."""
