@@ -320,7 +320,9 @@ class LiveIndexer:
                 state.changed_texts.add(text)
                 delta.owned.add(item_id)
                 delta.text_rows.append(Item(id=item_id, kind="text", text=text, sha256=text_sha256(text)))
-        state.owners = +state.owners  # drop zero counts
+        for text in touched:  # drop zero counts (only these can have reached zero; `+owners` costs O(N))
+            if state.owners[text] <= 0:
+                del state.owners[text]
         missing = {r.sha256: r.text for r in delta.text_rows if r.sha256}
         missing = {s: t for s, t in missing.items() if s not in self.cache.known("text", list(missing))}
         if missing:
