@@ -6,15 +6,14 @@ batch's vectors are committed to the embedding cache, so a killed run resumes wh
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from indexer.core.bars import progress_bar
 from indexer.core.encoder import Encoder
 from indexer.core.images import DEFAULT_MAX_PIXELS, PhotoFacts
 from indexer.data.decode import decoded_batches
@@ -79,7 +78,7 @@ def embed_images(
     """Embed each job's image and commit the vectors batch by batch (reader → mapper → writer)."""
     report = EmbedReport()
     start = time.perf_counter()
-    bar = tqdm(total=len(jobs), unit="img", desc="embedding images", file=sys.stderr, smoothing=0.1)
+    bar = progress_bar(total=len(jobs), unit="img", desc="embedding images", smoothing=0.1)
     records = [j.record for j in jobs]
     batches = decoded_batches(records, encoder.preprocess, cfg.batch_size, cfg.workers, cfg.max_pixels)
     with bar:  # closed (its line ended) before any error reaches the command line
@@ -103,7 +102,7 @@ def embed_texts(
     encoder: Encoder, texts: Sequence[tuple[str, str]], cache: EmbeddingCache, cfg: EmbedConfig
 ) -> int:
     """Embed (sha256, text) pairs in batches, committing each; returns how many were embedded."""
-    bar = tqdm(total=len(texts), unit="text", desc="embedding texts", file=sys.stderr, disable=not texts)
+    bar = progress_bar(total=len(texts), unit="text", desc="embedding texts", disable=not texts)
     with bar:
         for i in range(0, len(texts), cfg.text_batch_size):
             part = texts[i : i + cfg.text_batch_size]

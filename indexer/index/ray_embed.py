@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from indexer.core.bars import progress_bar
 from indexer.core.errors import ClipsearchError
 from indexer.core.images import DecodeOptions, PhotoFacts
 from indexer.data.decode import decode_one
@@ -248,7 +247,7 @@ def embed_images_ray(
             # A killed actor is restarted and its batches run again: Ray Data's default for actor pools
             # (max_restarts=-1, max_task_retries=-1), relied on, not re-declared.
         )
-        bar = tqdm(total=len(jobs), unit="img", desc="embedding images (ray)", file=sys.stderr)
+        bar = progress_bar(total=len(jobs), unit="img", desc="embedding images (ray)")
         with bar:
             for n, out in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy"), start=1):
                 _commit(out, jobs, cache, report)

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from indexer.core.bars import progress_bar
 from indexer.core.errors import ClipsearchError
 from indexer.eval.metrics import RetrievalMetrics
 from indexer.train.checkpoint import CHECKPOINT_DIR, save_checkpoint
@@ -123,14 +124,14 @@ class _Clock:
 
 def _progress_bar(run: Run, clock: _Clock) -> tqdm:
     if clock.budget_s:
-        return tqdm(
+        return progress_bar(
             total=round(clock.budget_s),
             initial=round(clock.elapsed()),
             unit="s",
             disable=not run.cfg.progress or not run.is_main,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]",
         )
-    return tqdm(
+    return progress_bar(
         total=run.schedule.total_steps,
         initial=run.progress.step,
         unit="step",
