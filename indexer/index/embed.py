@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from indexer.core.bars import progress_bar
 from indexer.core.encoder import Encoder
 from indexer.core.images import DEFAULT_MAX_PIXELS, PhotoFacts
-from indexer.data.decode import decoded_batches
+from indexer.data.decode import DecodedBatch, decoded_batches
 from indexer.data.sources import Record
 from indexer.data.workers import default_workers
 from indexer.index.cache import EmbeddingCache
 from indexer.index.stages import reached
+
+B = TypeVar("B")
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +81,36 @@ def embed_images(
     """Embed each job's image and commit the vectors batch by batch (reader → mapper → writer)."""
     report = EmbedReport()
     start = time.perf_counter()
-    bar = progress_bar(total=len(jobs), unit="img", desc="embedding images", smoothing=0.1)
     records = [j.record for j in jobs]
+
+    def commit(batch: DecodedBatch) -> int:
+        if batch.pixels is not None:
+            vecs = encoder.encode_pixels(batch.pixels)
+            rows = [(jobs[d.pos].sha256, v, *d.size) for d, v in zip(batch.ok, vecs, strict=True)]  # type: ignore[misc]
+            cache.put("image", rows, [d.facts or PhotoFacts() for d in batch.ok])
+            report.embedded += len(rows)
+        for d in batch.failed:
+            report.failures[jobs[d.pos].sha256] = d.error  # type: ignore[assignment]
+        return len(batch.ok) + len(batch.failed)
+
     batches = decoded_batches(records, encoder.preprocess, cfg.batch_size, cfg.workers, cfg.max_pixels)
-    with bar:  # closed (its line ended) before any error reaches the command line
+    commit_batches(batches, commit, len(jobs), "embedding images", work_dir)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def commit_batches(
+    batches: Iterable[B], commit: Callable[[B], int], total: int, desc: str, work_dir: Path
+) -> None:
+    """Commit each batch of images as it comes (`commit` returns how many images it settled), with a
+    progress bar and the crash tests' named moments; the local and the Ray embedders share it."""
+    with progress_bar(total=total, unit="img", desc=desc, smoothing=0.1) as bar:
+        # the bar is closed (its line ended) before any error reaches the command line
         for n, batch in enumerate(batches, start=1):
-            if batch.pixels is not None:
-                vecs = encoder.encode_pixels(batch.pixels)
-                rows = [(jobs[d.pos].sha256, v, *d.size) for d, v in zip(batch.ok, vecs, strict=True)]  # type: ignore[misc]
-                cache.put("image", rows, [d.facts or PhotoFacts() for d in batch.ok])
-                report.embedded += len(rows)
-            for d in batch.failed:
-                report.failures[jobs[d.pos].sha256] = d.error  # type: ignore[assignment]
-            bar.update(len(batch.ok) + len(batch.failed))
+            bar.update(commit(batch))
             if n == 1:
                 reached("embedded-batch-1", work_dir)
             reached("embedded-batch", work_dir)
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def embed_texts(

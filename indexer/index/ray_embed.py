@@ -19,14 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from indexer.core.bars import progress_bar
 from indexer.core.errors import ClipsearchError
 from indexer.core.images import DecodeOptions, PhotoFacts
 from indexer.data.decode import decode_one
 from indexer.data.sources import Record
 from indexer.index.cache import EmbeddingCache
-from indexer.index.embed import EmbedConfig, EmbedReport, ImageJob
-from indexer.index.stages import reached
+from indexer.index.embed import EmbedConfig, EmbedReport, ImageJob, commit_batches
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +245,13 @@ def embed_images_ray(
             # A killed actor is restarted and its batches run again: Ray Data's default for actor pools
             # (max_restarts=-1, max_task_retries=-1), relied on, not re-declared.
         )
-        bar = progress_bar(total=len(jobs), unit="img", desc="embedding images (ray)")
-        with bar:
-            for n, out in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy"), start=1):
-                _commit(out, jobs, cache, report)
-                bar.update(len(out["pos"]))
-                if n == 1:
-                    reached("embedded-batch-1", work_dir)
-                reached("embedded-batch", work_dir)
+
+        def commit(out: dict[str, np.ndarray]) -> int:
+            _commit(out, jobs, cache, report)
+            return len(out["pos"])
+
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+        commit_batches(batches, commit, len(jobs), "embedding images (ray)", work_dir)
     report.seconds = time.perf_counter() - start
     return report
 
