@@ -207,7 +207,10 @@ function showPage(response, state) {
     const what = state.q ? `“${state.q.trim()}”` : "this image";
     const min = state.min === null ? "" : ` with a score of at least ${state.min}`;
     const within = filters ? " within the filters" : "";
-    const tip = state.min !== null ? " Try a lower minimum score." : filters ? " Try fewer filters." : "";
+    let tip = state.min !== null ? " Try a lower minimum score." : filters ? " Try fewer filters." : "";
+    if (filters && state.target === "texts") {
+      tip = " Captions usually carry none of the photo metadata filtered on: find images, or clear the filters.";
+    }
     render.message(
       `Nothing matches ${what}${min}${within}.${tip}`,
       "info",

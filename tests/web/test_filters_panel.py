@@ -185,3 +185,11 @@ def test_the_open_panel_fits_a_phone_screen(browser, shop_server):
     finally:
         visit.close()
     assert visit.foreign == [] and visit.errors == []
+
+
+def test_filtered_captions_find_nothing_and_the_page_says_why(shop: Visit):
+    page = shop.page
+    page.goto("/?q=a+square&target=texts&f.tone=warm")  # caption items carry no user fields
+    expect(page.locator("#message")).to_contain_text("Captions usually carry none of the photo metadata")
+    page.locator("label[for=target-images]").click()
+    _wait_results(page, 4)
