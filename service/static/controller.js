@@ -97,6 +97,7 @@ async function loadFacets(d) {
   const answers = await Promise.all(
     fields.map((field) => api.facets(field, { limit: FACET_VALUES }).catch(() => null)),
   );
+  if (answers.includes(null)) page.facetsBundle = null; // a field failed: the next loadInfo asks again
   page.facetGroups = answers
     .filter((a) => a && a.values.length)
     .map((a) => ({ field: a.field, label: a.field === "camera" ? "Camera" : a.field, values: a.values, truncated: a.truncated }));
