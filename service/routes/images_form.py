@@ -56,6 +56,7 @@ TERMS_MULTIPART_DOC = _multipart(
 )
 
 
+_BLANK_IS_NONE = ("min_score", "filter", "terms")
 # Form fields that carry JSON, and the JSON type each must be.
 _JSON_FIELDS: dict[str, tuple[type, str]] = {
     "filter": (dict, "a JSON object of field: {operator: value}"),
@@ -65,7 +66,8 @@ _JSON_FIELDS: dict[str, tuple[type, str]] = {
 
 def parse_params(raw: dict[str, str], model: type[P]) -> P:
     """The form fields as `model`; JSON-encoded fields decoded first (bad JSON: a 422 naming the field)."""
-    values: dict[str, object] = {k: v for k, v in raw.items() if v != "" or k not in ("min_score", "filter")}
+    # An empty optional field is left out, as an HTML form sends a blank input.
+    values: dict[str, object] = {k: v for k, v in raw.items() if v != "" or k not in _BLANK_IS_NONE}
     for name, (kind, what) in _JSON_FIELDS.items():
         if name not in values:
             continue

@@ -167,7 +167,9 @@ def test_multipart_search_equals_the_json_search_with_the_images_vector(
         [h["score"] for h in got.json()["results"]], [h["score"] for h in want.json()["results"]], atol=1e-5
     )
     # The image alone (weight 1, no terms) is an image search: the photo itself first, at cosine ~1.
-    alone = client.post("/v1/search", files={"file": ("d.png", photo)}, data={"k": "1"}).json()["results"]
+    alone = client.post("/v1/search", files={"file": ("d.png", photo)}, data={"k": "1", "terms": ""}).json()[
+        "results"
+    ]
     assert Path(alone[0]["path"]).stem.startswith("d") and alone[0]["score"] == pytest.approx(1.0, abs=1e-4)
     flt = {"path": {"glob": "*/c.png"}}
     kept = client.post("/v1/search", files={"file": ("d.png", photo)}, data={"filter": json.dumps(flt)})
