@@ -152,8 +152,19 @@ class _Calls:
 
     @staticmethod
     def search(
-        terms: Sequence[Term], k: int, target: Target, min_score: float | None, offset: int, opts: Options
+        terms: Sequence[Term],
+        k: int,
+        target: Target,
+        min_score: float | None,
+        offset: int,
+        opts: Options,
+        image: tuple[ImageInput, float] | None = None,
     ) -> _Call[SearchResponse]:
+        if image is not None:  # the multipart variant: the image is one more term, of weight image[1]
+            files = {"file": _image_file(image[0], None)}
+            data = _search_form(k, target, min_score, offset) | opts.form()
+            data |= {"terms": json.dumps([_term(t) for t in terms]), "weight": repr(float(image[1]))}
+            return _Call("POST", "/v1/search", _model(SearchResponse), {"files": files, "data": data})
         body = {"terms": [_term(t) for t in terms], "k": k, "target": target, "offset": offset}
         body |= {"min_score": min_score, **opts.json()}
         return _Call("POST", "/v1/search", _model(SearchResponse), {"json": body})
@@ -275,9 +286,14 @@ class Client(_Base):
         *,
         filter: Mapping[str, Any] | None = None,
         dedup: float | None = None,
+        image: ImageInput | None = None,
+        image_weight: float = 1.0,
     ) -> SearchResponse:
-        """Query arithmetic: `search(["beach", ("people", -0.5), (123, 0.7)])` (texts, item ids, vectors)."""
-        return self._do(_Calls.search(terms, k, target, min_score, offset, Options(filter, dedup)))
+        """Query arithmetic: `search(["beach", ("people", -0.5), (123, 0.7)])` (texts, item ids, vectors);
+        with `image`, an uploaded image is one more term, of weight `image_weight` (sent as multipart)."""
+        opts = Options(filter, dedup)
+        upload = (image, image_weight) if image is not None else None
+        return self._do(_Calls.search(terms, k, target, min_score, offset, opts, upload))
 
     def search_image(
         self,
@@ -382,9 +398,14 @@ class AsyncClient(_Base):
         *,
         filter: Mapping[str, Any] | None = None,
         dedup: float | None = None,
+        image: ImageInput | None = None,
+        image_weight: float = 1.0,
     ) -> SearchResponse:
-        """Query arithmetic: `search(["beach", ("people", -0.5), (123, 0.7)])` (texts, item ids, vectors)."""
-        return await self._do(_Calls.search(terms, k, target, min_score, offset, Options(filter, dedup)))
+        """Query arithmetic: `search(["beach", ("people", -0.5), (123, 0.7)])` (texts, item ids, vectors);
+        with `image`, an uploaded image is one more term, of weight `image_weight` (sent as multipart)."""
+        opts = Options(filter, dedup)
+        upload = (image, image_weight) if image is not None else None
+        return await self._do(_Calls.search(terms, k, target, min_score, offset, opts, upload))
 
     async def search_image(
         self,

@@ -80,6 +80,17 @@ class QuerySearchRequest(SearchParams):
     terms: list[SearchTerm] = Field(min_length=1, max_length=16, description="The terms to combine.")
 
 
+class ImageQueryForm(SearchParams):
+    """The multipart `POST /v1/search`: the uploaded image is one more term (weight `weight`) of the sum.
+
+    `terms` and `filter` arrive JSON-encoded; the other fields are form strings (so this stays lax)."""
+
+    terms: list[SearchTerm] = Field(
+        default_factory=list, max_length=15, description="More terms to combine with the image."
+    )
+    weight: float = Field(1.0, ge=-100.0, le=100.0, description="The image term's weight in the sum.")
+
+
 class EmbedTextRequest(BaseModel):
     """`POST /v1/embed/text`."""
 
@@ -232,6 +243,11 @@ class InfoResponse(BaseModel):
     max_query_chars: int
     max_body_bytes: int
     loaded_at: float
+    user_fields: list[str] = Field(
+        default_factory=list,
+        description="The bundle's user field names (CSV/JSONL columns, sidecar keys), sorted: what a filter "
+        "or `/v1/facets` may name besides the built-in fields.",
+    )
     fallback: FallbackInfo | None = None
 
 

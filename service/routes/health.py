@@ -87,5 +87,6 @@ def info(request: Request, service: ServiceDep) -> InfoResponse:
             max_query_chars=s.max_query_chars,
             max_body_bytes=s.max_body_bytes,
             loaded_at=snap.loaded_at,
+            user_fields=sorted(snap.bundle.stack.field_names()),
             fallback=_fallback(service.state),
         )

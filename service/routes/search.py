@@ -1,20 +1,38 @@
-"""`POST /v1/search/text`, `POST /v1/search/image` and `POST /v1/search` (weighted terms): k-NN over the
-bundle's images or texts."""
+"""`POST /v1/search/text`, `POST /v1/search/image` and `POST /v1/search` (weighted terms; as multipart, with
+an uploaded image among them): k-NN over the bundle's images or texts."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, Request
+from fastapi.routing import APIRoute
+from starlette.routing import Match
+from starlette.types import Scope
 
 from service.auth import require_api_key
 from service.deps import Service, ServiceDep, mark_bundle, require_json, search_spec
 from service.errors import ApiError
-from service.routes.images_form import MULTIPART_DOC, run_image
-from service.schemas import QuerySearchRequest, SearchResponse, TextSearchRequest, blank
-from service.search import JobResult, TextJob, combine, search_vector
+from service.routes.images_form import (
+    MULTIPART_DOC,
+    TERMS_FIELDS,
+    TERMS_MULTIPART_DOC,
+    image_job,
+    parse_params,
+    run_image,
+)
+from service.schemas import (
+    ImageQueryForm,
+    QuerySearchRequest,
+    SearchResponse,
+    SearchTerm,
+    TextSearchRequest,
+    blank,
+)
+from service.search import ImageJob, JobResult, SearchSpec, TextJob, combine, search_vector
 from service.state import Snapshot
 
 router = APIRouter(prefix="/v1/search", tags=["search"], dependencies=[Depends(require_api_key)])
@@ -53,27 +71,83 @@ async def search_image(request: Request, service: ServiceDep) -> SearchResponse:
     return _response(request, result, start)
 
 
-@router.post("", dependencies=[Depends(require_json)])
-async def search_terms(body: QuerySearchRequest, request: Request, service: ServiceDep) -> SearchResponse:
-    """Search with a weighted sum of texts, items of the bundle and vectors (query arithmetic)."""
+class MultipartRoute(APIRoute):
+    """A route that matches only multipart bodies, so one path serves a JSON and a multipart variant."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
+        if match is Match.NONE or not ctype.lower().startswith(b"multipart/form-data"):
+            return Match.NONE, {}
+        return match, child
+
+
+async def search_terms_image(request: Request, service: ServiceDep) -> SearchResponse:
+    """`POST /v1/search` as multipart: the uploaded `file` is a term of weight `weight`, added to `terms`."""
     start = time.perf_counter()
-    texts = [
-        _term_text(t.text, f"terms[{i}].text", service)
-        for i, t in enumerate(body.terms)
-        if t.text is not None
-    ]
-    for i, term in enumerate(body.terms):
+
+    def parse(raw: dict[str, str]) -> tuple[ImageQueryForm, SearchSpec]:
+        form = parse_params(raw, ImageQueryForm)
+        _check_terms(form.terms, service)
+        return form, search_spec(form, service.settings, service.state)
+
+    (form, spec), job = await image_job(request, service, TERMS_FIELDS, parse)
+    return await _search(request, service, start, form.terms, spec, (job, form.weight))
+
+
+# Registered first: a multipart body goes here, anything else to the JSON route below.
+router.add_api_route(
+    "",
+    search_terms_image,
+    methods=["POST"],
+    include_in_schema=False,  # documented as the JSON route's second content type
+    route_class_override=MultipartRoute,
+)
+
+
+@router.post("", dependencies=[Depends(require_json)], openapi_extra=TERMS_MULTIPART_DOC)
+async def search_terms(body: QuerySearchRequest, request: Request, service: ServiceDep) -> SearchResponse:
+    """Search with a weighted sum of texts, items of the bundle and vectors (query arithmetic); as
+    multipart, with an uploaded image (`file`, weight `weight`) and the other terms JSON-encoded."""
+    start = time.perf_counter()
+    _check_terms(body.terms, service)
+    spec = search_spec(body, service.settings, service.state)
+    return await _search(request, service, start, body.terms, spec)
+
+
+def _check_terms(terms: Sequence[SearchTerm], service: Service) -> None:
+    for i, term in enumerate(terms):
+        if term.text is not None:
+            _term_text(term.text, f"terms[{i}].text", service)
+    for i, term in enumerate(terms):
         given = sum(x is not None for x in (term.text, term.item, term.vector))
         if given != 1:
             raise ApiError(422, "invalid_request", f"terms[{i}]: give exactly one of text, item or vector")
-    spec = search_spec(body, service.settings, service.state)
+
+
+async def _search(
+    request: Request,
+    service: Service,
+    start: float,
+    terms: Sequence[SearchTerm],
+    spec: SearchSpec,
+    image: tuple[ImageJob, float] | None = None,
+) -> SearchResponse:
+    """Encode the texts (and the image), combine every term with its weight, search."""
+    texts = [t.text.strip() for t in terms if t.text is not None]
     for _ in range(3):  # a reload between encoding and searching: encode again with the new model
         encoded = await service.texts.submit(TextJob(texts=texts)) if texts else None
+        pic = await service.images.submit(image[0]) if image is not None else None
         with service.state.lease() as snap:
-            if encoded is not None and encoded.bundle != snap.version:
+            if any(e is not None and e.bundle != snap.version for e in (encoded, pic)):
                 continue
+            rows = list(terms)
+            if pic is not None and image is not None:  # the image last, so terms[i] keep their index
+                rows.append(
+                    SearchTerm(text=None, item=None, vector=pic.embeddings[0].tolist(), weight=image[1])
+                )
             text_emb = encoded.embeddings if encoded is not None else None
-            query = await anyio.to_thread.run_sync(_query_vector, snap, body, text_emb)
+            query = await anyio.to_thread.run_sync(_query_vector, snap, rows, text_emb)
             hits = await anyio.to_thread.run_sync(search_vector, snap, query, spec)
             mark_bundle(request, snap.version)
             took_ms = (time.perf_counter() - start) * 1000.0
@@ -94,13 +168,13 @@ def _term_text(text: str, where: str, service: Service) -> str:
     return text.strip()
 
 
-def _query_vector(snap: Snapshot, body: QuerySearchRequest, text_emb: np.ndarray | None) -> np.ndarray:
+def _query_vector(snap: Snapshot, terms: Sequence[SearchTerm], text_emb: np.ndarray | None) -> np.ndarray:
     """Each term's unit vector (its text embedded, an item's stored vector, a given vector), combined."""
     bundle = snap.bundle
     dim = bundle.manifest.model.embed_dim
     rows: list[np.ndarray] = []
     n_text = 0
-    for i, term in enumerate(body.terms):
+    for i, term in enumerate(terms):
         if term.text is not None:
             assert text_emb is not None
             rows.append(text_emb[n_text])
@@ -119,7 +193,7 @@ def _query_vector(snap: Snapshot, body: QuerySearchRequest, text_emb: np.ndarray
                     422, "invalid_request", f"terms[{i}].vector: must be {dim} finite numbers, not all zero"
                 )
             rows.append(vec.astype(np.float32))
-    query = combine(np.stack(rows), [t.weight for t in body.terms])
+    query = combine(np.stack(rows), [t.weight for t in terms])
     if query is None:
         raise ApiError(422, "empty_query", "the terms cancel out: their weighted sum has no direction")
     return query

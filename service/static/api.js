@@ -20,6 +20,10 @@ export class ApiError extends Error {
   get notReady() {
     return this.status === 503 && !this.busy;
   }
+  /** 422 "invalid_filter": the Filters panel (or a shared URL) holds a filter the bundle refuses. */
+  get badFilter() {
+    return this.status === 422 && this.code === "invalid_filter";
+  }
   /** 503 "overloaded": the query queue is full; retry after `retryAfter` seconds. */
   get busy() {
     return this.status === 503 && this.code === "overloaded";
@@ -89,13 +93,12 @@ export async function readiness() {
 
 /**
  * POST /v1/search/text, or POST /v1/search when the query uses rclip's `+` / `-` arithmetic
- * (`beach + sunset - people`). `minScore` null means no threshold.
+ * (`beach + sunset - people`). `minScore` null means no threshold, `filter` null no filter.
  */
-export async function searchText({ query, k, target, minScore, offset }, signal) {
+export async function searchText({ query, k, target, minScore, offset, filter }, signal) {
   const terms = parseTerms(query);
-  const body = JSON.stringify(
-    terms ? { terms, k, target, min_score: minScore, offset } : { query, k, target, min_score: minScore, offset },
-  );
+  const options = { k, target, min_score: minScore, offset, ...(filter ? { filter } : {}) };
+  const body = JSON.stringify(terms ? { terms, ...options } : { query, ...options });
   const res = await request(terms ? "/v1/search" : "/v1/search/text", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
@@ -105,16 +108,23 @@ export async function searchText({ query, k, target, minScore, offset }, signal)
   return res.json();
 }
 
-/** POST /v1/search/image (multipart) with the image as a Blob. */
-export async function searchImage({ image, k, target, minScore, offset }, signal) {
+/** POST /v1/search/image (multipart) with the image as a Blob; the filter goes as a JSON-encoded field. */
+export async function searchImage({ image, k, target, minScore, offset, filter }, signal) {
   const form = new FormData();
   form.append("file", image, image.name || "query");
   form.append("k", String(k));
   form.append("target", target);
   form.append("offset", String(offset));
   if (minScore !== null) form.append("min_score", String(minScore));
+  if (filter) form.append("filter", JSON.stringify(filter));
   const res = await request("/v1/search/image", { method: "POST", body: form, signal });
   return res.json();
+}
+
+/** GET /v1/facets: the most common values of one field (camera or a user field) with their counts. */
+export async function facets(field, { target = "images", limit = 20 } = {}) {
+  const params = new URLSearchParams({ field, target, limit: String(limit) });
+  return (await request(`/v1/facets?${params}`)).json();
 }
 
 /** GET /v1/items/{id}: the stored metadata of one image or text. */
@@ -154,5 +164,14 @@ export function describeInfo(data) {
   const images = counts.images ?? data.images?.count ?? data.images;
   const texts = counts.texts ?? data.texts?.count ?? data.texts;
   const model = data.model?.name ?? (typeof data.model === "string" ? data.model : null);
-  return { bundle: String(bundle), images, texts, model, device: data.device ?? null, maxK: data.max_k ?? null };
+  const userFields = Array.isArray(data.user_fields) ? data.user_fields : [];
+  return {
+    bundle: String(bundle),
+    images,
+    texts,
+    model,
+    device: data.device ?? null,
+    maxK: data.max_k ?? null,
+    userFields,
+  };
 }

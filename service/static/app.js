@@ -1,9 +1,10 @@
 // Entry point of the search page: wires keyboard, mouse, drop and paste input to the controller.
 import * as c from "./controller.js";
-import { keepUpload, parse, sameQuery } from "./state.js";
+import { filterOf, keepUpload, NO_FILTERS, parse, sameQuery } from "./state.js";
 
 const $ = (id) => document.getElementById(id);
 let typingTimer = 0;
+let dateTimer = 0;
 
 function textQuery(q, options) {
   const s = c.page.state;
@@ -72,8 +73,30 @@ function wireForm() {
   $("home").addEventListener("click", (e) => {
     e.preventDefault();
     $("q").value = "";
-    c.navigate({ q: "", similar: null, upload: null, min: null, view: null });
+    c.navigate({ q: "", similar: null, upload: null, min: null, view: null, ...NO_FILTERS });
     $("q").focus();
+  });
+}
+
+function wireFilters() {
+  $("filter-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    clearTimeout(dateTimer);
+    c.applyFilters();
+  });
+  $("f-path").addEventListener("change", c.applyFilters);
+  $("f-date").addEventListener("change", c.applyFilters);
+  for (const id of ["f-from", "f-to"]) {
+    // A date typed digit by digit is a valid date several times over: search once it settles.
+    $(id).addEventListener("change", () => {
+      clearTimeout(dateTimer);
+      dateTimer = setTimeout(c.applyFilters, c.DEBOUNCE_MS);
+    });
+  }
+  $("facets").addEventListener("change", (e) => e.target.matches("input[type=checkbox]") && c.applyFilters());
+  $("f-clear").addEventListener("click", () => {
+    clearTimeout(dateTimer);
+    c.clearFilters();
   });
 }
 
@@ -180,7 +203,15 @@ function wireView() {
 function download() {
   const s = c.page.state;
   const data = {
-    query: { text: s.q || null, image_item: s.similar, uploaded_image: Boolean(s.upload), target: s.target, k: s.k, min_score: s.min },
+    query: {
+      text: s.q || null,
+      image_item: s.similar,
+      uploaded_image: Boolean(s.upload),
+      target: s.target,
+      k: s.k,
+      min_score: s.min,
+      filter: filterOf(s),
+    },
     bundle: c.page.response?.bundle ?? null,
     url: location.href,
     results: c.page.results,
@@ -195,6 +226,7 @@ function download() {
 }
 
 wireForm();
+wireFilters();
 wireDropAndPaste();
 wireResults();
 wireView();

@@ -6,6 +6,8 @@ import * as urlState from "./state.js";
 const $ = (id) => document.getElementById(id);
 const TYPING_DEBOUNCE_MS = 250;
 const READY_POLL_MS = 2000;
+const FACET_VALUES = 20; // values listed per facet, most common first
+const FACET_FIELDS = 8; // facets offered at most: camera and the first user fields
 
 const page = {
   state: urlState.parse(location.search),
@@ -22,6 +24,9 @@ const page = {
   viewPushed: false, // the open large view added a history entry (so closing it goes back)
   // The target each kind of query last used: text finds images, an image finds captions by default.
   targetFor: { text: "images", image: "texts" },
+  facetGroups: [], // the facets the bundle offers: [{field, label, values: [{value, count}], truncated}]
+  facetsBundle: null, // the bundle they were counted on
+  filtersShown: false, // the panel was opened for filters once (after that, the user opens and closes it)
 };
 
 // ------------------------------------------------------------------------------------- navigation
@@ -54,6 +59,66 @@ function syncControls(state) {
   k.value = String(state.k);
   $("min-score").value = state.min === null ? "" : String(state.min);
   page.targetFor[state.similar || state.upload ? "image" : "text"] = state.target;
+  syncFilters(state);
+}
+
+/** The Filters panel shows the state's filters (opened when a URL brings some). */
+function syncFilters(state) {
+  const path = $("f-path");
+  if (document.activeElement !== path) path.value = state.path;
+  $("f-date").value = state.date;
+  $("f-from").value = state.from;
+  $("f-to").value = state.to;
+  const n = urlState.filterCount(state);
+  render.filterCount(n);
+  if (n && !page.filtersShown) $("filters").open = true;
+  page.filtersShown = page.filtersShown || n > 0;
+  render.facets(facetGroups(state), state.facets);
+}
+
+/** The offered facets, plus any value the URL checks that they do not list (so it can be unchecked). */
+function facetGroups(state) {
+  const groups = page.facetGroups.map((g) => ({ ...g, values: [...g.values] }));
+  for (const [field, values] of Object.entries(state.facets)) {
+    let group = groups.find((g) => g.field === field);
+    if (!group) groups.push((group = { field, label: field, values: [], truncated: false }));
+    for (const value of values) {
+      if (!group.values.some((v) => String(v.value) === value)) group.values.push({ value, count: null });
+    }
+  }
+  return groups;
+}
+
+/** The values of camera and the user fields (GET /v1/facets), counted once per bundle. */
+async function loadFacets(d) {
+  if (page.facetsBundle === d.bundle) return;
+  page.facetsBundle = d.bundle;
+  const fields = ["camera", ...d.userFields].slice(0, FACET_FIELDS);
+  const answers = await Promise.all(
+    fields.map((field) => api.facets(field, { limit: FACET_VALUES }).catch(() => null)),
+  );
+  if (answers.includes(null)) page.facetsBundle = null; // a field failed: the next loadInfo asks again
+  page.facetGroups = answers
+    .filter((a) => a && a.values.length)
+    .map((a) => ({ field: a.field, label: a.field === "camera" ? "Camera" : a.field, values: a.values, truncated: a.truncated }));
+  syncFilters(page.state);
+}
+
+/** The Filters panel's inputs as state changes (the path and dates as typed, the checked facet values). */
+function filtersFromPanel() {
+  const facets = {};
+  for (const input of $("facets").querySelectorAll("input[type=checkbox]:checked")) {
+    (facets[input.dataset.field] ||= []).push(input.value);
+  }
+  return { path: $("f-path").value.trim(), date: $("f-date").value, from: $("f-from").value, to: $("f-to").value, facets };
+}
+
+function applyFilters() {
+  navigate({ ...filtersFromPanel(), view: null });
+}
+
+function clearFilters() {
+  navigate({ ...urlState.NO_FILTERS, view: null });
 }
 
 // ----------------------------------------------------------------------------------------- search
@@ -98,7 +163,13 @@ async function loadPage() {
       return;
     }
     render.queryImage(image);
-    const params = { k: state.k, target: state.target, minScore: state.min, offset: page.results.length };
+    const params = {
+      k: state.k,
+      target: state.target,
+      minScore: state.min,
+      offset: page.results.length,
+      filter: urlState.filterOf(state),
+    };
     const signal = page.controller.signal;
     const response = image
       ? await api.searchImage({ ...params, image }, signal)
@@ -132,15 +203,26 @@ function showPage(response, state) {
   $("download").disabled = page.results.length === 0;
   if (response.bundle && page.bundle && response.bundle !== page.bundle) loadInfo();
   render.message("");
+  const filters = urlState.filterCount(state);
   if (page.results.length === 0) {
     const what = state.q ? `“${state.q.trim()}”` : "this image";
     const min = state.min === null ? "" : ` with a score of at least ${state.min}`;
-    render.message(`Nothing matches ${what}${min}.${state.min === null ? "" : " Try a lower minimum score."}`, "info");
+    const within = filters ? " within the filters" : "";
+    let tip = state.min !== null ? " Try a lower minimum score." : filters ? " Try fewer filters." : "";
+    if (filters && state.target === "texts") {
+      tip = " Captions usually carry none of the photo metadata filtered on: find images, or clear the filters.";
+    }
+    render.message(
+      `Nothing matches ${what}${min}${within}.${tip}`,
+      "info",
+      filters ? { label: "Clear filters", run: clearFilters } : null,
+    );
   }
   const noun = state.target === "images" ? "image" : "caption";
   const n = page.results.length;
   const took = `${Number(response.took_ms).toFixed(1)} ms`;
-  render.status(`${n}${page.hasMore ? "+" : ""} ${noun}${n === 1 ? "" : "s"} · ${took}`, `bundle ${response.bundle}`);
+  const filtered = filters ? ` · ${filters} filter${filters === 1 ? "" : "s"}` : "";
+  render.status(`${n}${page.hasMore ? "+" : ""} ${noun}${n === 1 ? "" : "s"} · ${took}${filtered}`, `bundle ${response.bundle}`);
 }
 
 function askForKey(e) {
@@ -167,6 +249,13 @@ function showError(e, state) {
   if (e instanceof api.ApiError && e.busy) {
     render.message(`The server is busy. Trying again in ${e.retryAfter} s…`, "warn");
     setTimeout(() => urlState.sameQuery(state, page.state) && loadPage(), e.retryAfter * 1000);
+    return;
+  }
+  if (e instanceof api.ApiError && e.badFilter) {
+    // A 422 naming the field: from a typed date, or a shared URL made for a bundle with other fields.
+    page.hasMore = false;
+    $("filters").open = true;
+    render.message(`The filters were refused: ${e.message}`, "error", { label: "Clear filters", run: clearFilters });
     return;
   }
   if (page.results.length && e.status >= 400 && e.status < 500) {
@@ -208,6 +297,7 @@ async function loadInfo() {
     render.info(parts.join(" · "), d.model ? `model ${d.model}` : "");
     limitPageSizes(d.maxK);
     suggestIdeas(d);
+    loadFacets(d);
     page.ready = true;
   } catch (e) {
     if (e instanceof api.ApiError && e.status === 503) notReady(e.message);
@@ -327,6 +417,19 @@ function searchFromView(changes) {
   navigate({ q: "", similar: null, upload: null, min: null, view: null, ...changes });
 }
 
-export { apply, closeView, currentViewItem, loadInfo, loadMore, navigate, openView, page, searchFromView, stepView };
+export {
+  apply,
+  applyFilters,
+  clearFilters,
+  closeView,
+  currentViewItem,
+  loadInfo,
+  loadMore,
+  navigate,
+  openView,
+  page,
+  searchFromView,
+  stepView,
+};
 export const DEBOUNCE_MS = TYPING_DEBOUNCE_MS;
 

@@ -117,6 +117,52 @@ export function detail(result, { hasPrev, hasNext }) {
   $("detail-next").disabled = !hasNext;
 }
 
+/** Facet groups as checkbox lists: `groups` is [{field, label, values: [{value, count}], truncated}];
+ * `selected` maps a field to its checked values (as text). Rebuilt only when what is listed changes, so
+ * the checkbox a keyboard user just toggled keeps its focus. */
+export function facets(groups, selected) {
+  const box = $("facets");
+  const key = JSON.stringify(groups.map((g) => [g.field, g.values.map((v) => [String(v.value), v.count])]));
+  if (box.dataset.key !== key) {
+    const focused = document.activeElement?.closest?.("#facets") ? document.activeElement : null;
+    const again = focused ? { field: focused.dataset.field, value: focused.value } : null;
+    box.dataset.key = key;
+    box.replaceChildren(
+      ...groups.map((g, i) =>
+        el(
+          "fieldset",
+          { class: "facet" },
+          el("legend", {}, g.label),
+          ...g.values.map((v, j) =>
+            el(
+              "label",
+              { class: "facet-value" },
+              el("input", { type: "checkbox", id: `facet-${i}-${j}`, value: String(v.value), dataset: { field: g.field } }),
+              el("span", { class: "facet-name" }, String(v.value)),
+              v.count === null ? null : el("span", { class: "count" }, Number(v.count).toLocaleString()),
+            ),
+          ),
+          g.truncated ? el("p", { class: "facet-more" }, "more values exist: the most common are listed") : null,
+        ),
+      ),
+    );
+    if (again) {
+      const match = [...box.querySelectorAll("input")].find((x) => x.dataset.field === again.field && x.value === again.value);
+      match?.focus();
+    }
+  }
+  for (const input of box.querySelectorAll("input[type=checkbox]")) {
+    input.checked = (selected[input.dataset.field] || []).includes(input.value);
+  }
+}
+
+/** The number of filters set, on the Filters toggle (hidden at 0). */
+export function filterCount(n) {
+  const badge = $("filter-count");
+  badge.hidden = n === 0;
+  badge.textContent = n ? `${n} on` : "";
+}
+
 export function queryImage(file) {
   const box = $("query-image");
   const thumb = $("query-thumb");

@@ -3,19 +3,32 @@
 //   ?similar=17&target=images                a query with the stored image of item 17
 //   ?upload=x7f3&target=texts                a query with an image dropped in this tab
 //   &view=42                                 the result 42 is open in the large view
+// and the Filters panel, sent as the `filter` of every search (docs/api.md, Filters):
+//   &path=/photos/2024/                      path starts with
+//   &from=2024-06-01&to=2024-06-30&date=mtime  a date range (inclusive days) of taken_at, or of mtime
+//   &f.camera=Canon+EOS+R6&f.tone=warm       checked facet values: one param per value, OR within a field
 
 export const PAGE_SIZES = [12, 24, 48, 100];
 export const DEFAULT_K = 24;
 export const TARGETS = ["images", "texts"];
+export const DATE_FIELDS = ["taken_at", "mtime"];
+const FACET_PREFIX = "f.";
 
 /** @returns {{q: string, target: string, k: number, min: number|null, similar: string|null,
- *            upload: string|null, view: string|null}} */
+ *            upload: string|null, view: string|null, path: string, from: string, to: string,
+ *            date: string, facets: Object<string, string[]>}} */
 export function parse(search) {
   const p = new URLSearchParams(search);
   const image = p.get("similar") || p.get("upload");
   const k = Number.parseInt(p.get("k") || "", 10);
   const min = p.get("min");
   const target = p.get("target");
+  const facets = {};
+  for (const [key, value] of p) {
+    if (!key.startsWith(FACET_PREFIX) || key.length === FACET_PREFIX.length) continue;
+    const name = key.slice(FACET_PREFIX.length);
+    if (!(facets[name] ||= []).includes(value)) facets[name].push(value);
+  }
   return {
     q: image ? "" : (p.get("q") || "").slice(0, 1000),
     target: TARGETS.includes(target) ? target : image ? "texts" : "images",
@@ -24,6 +37,12 @@ export function parse(search) {
     similar: p.get("similar") && /^\d+$/.test(p.get("similar")) ? p.get("similar") : null,
     upload: p.get("similar") ? null : p.get("upload"),
     view: p.get("view") && /^\d+$/.test(p.get("view")) ? p.get("view") : null,
+    // Kept as typed (even a date that is not one): the server's 422 says what is wrong with it.
+    path: p.get("path") || "",
+    from: p.get("from") || "",
+    to: p.get("to") || "",
+    date: DATE_FIELDS.includes(p.get("date")) ? p.get("date") : DATE_FIELDS[0],
+    facets,
   };
 }
 
@@ -39,10 +58,48 @@ export function format(state) {
     if (state.k !== DEFAULT_K) p.set("k", String(state.k));
     if (state.min !== null) p.set("min", String(state.min));
   }
+  // Filters stay in the URL with or without a query: they are kept while the next search is typed.
+  if (state.path) p.set("path", state.path);
+  if (state.from) p.set("from", state.from);
+  if (state.to) p.set("to", state.to);
+  if ((state.from || state.to) && state.date !== DATE_FIELDS[0]) p.set("date", state.date);
+  for (const name of Object.keys(state.facets || {}).sort()) {
+    for (const value of state.facets[name]) p.append(FACET_PREFIX + name, value);
+  }
   if (state.view) p.set("view", state.view);
   const s = p.toString();
   return s ? `?${s}` : location.pathname;
 }
+
+/** The state's filters as the API's `filter` object, or null when none is set.
+ *
+ * A facet value is text in the URL; a field's values may be numbers in the bundle, so a value that reads
+ * as a number is sent both ways (`"10"` and `10`): `in` matches either, and the URL stays readable. */
+export function filterOf(state) {
+  const filter = {};
+  if (state.path) filter.path = { prefix: state.path };
+  if (state.from || state.to) {
+    const range = {};
+    if (state.from) range.gte = state.from;
+    if (state.to) range.lte = state.to; // a bare date: the server counts the whole day
+    filter[state.date] = range;
+  }
+  for (const name of Object.keys(state.facets || {}).sort()) {
+    const values = state.facets[name];
+    if (!values.length) continue;
+    const typed = values.flatMap((v) => (v.trim() !== "" && Number.isFinite(Number(v)) ? [v, Number(v)] : [v]));
+    filter[name] = { in: typed };
+  }
+  return Object.keys(filter).length ? filter : null;
+}
+
+/** How many filters are set (the count on the Filters button). */
+export function filterCount(state) {
+  const facets = Object.values(state.facets || {}).filter((v) => v.length).length;
+  return (state.path ? 1 : 0) + (state.from || state.to ? 1 : 0) + facets;
+}
+
+export const NO_FILTERS = { path: "", from: "", to: "", date: DATE_FIELDS[0], facets: {} };
 
 /** Two states ask the server the same question (the open view does not matter). */
 export function sameQuery(a, b) {
@@ -52,7 +109,8 @@ export function sameQuery(a, b) {
     a.k === b.k &&
     a.min === b.min &&
     a.similar === b.similar &&
-    a.upload === b.upload
+    a.upload === b.upload &&
+    JSON.stringify(filterOf(a)) === JSON.stringify(filterOf(b))
   );
 }
 

@@ -82,6 +82,7 @@ def test_bearer_is_the_only_way_to_send_a_key(locked: TestClient, path: str) -> 
 
 def test_image_routes_need_the_api_key(locked: TestClient) -> None:
     assert code(locked.post("/v1/search/image", files={"file": ("a.png", b"x")})) == (401, "unauthorized")
+    assert code(locked.post("/v1/search", files={"file": ("a.png", b"x")})) == (401, "unauthorized")
     assert code(locked.get("/v1/items/0/image")) == (401, "unauthorized")
 
 

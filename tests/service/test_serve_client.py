@@ -70,6 +70,12 @@ def test_async_client_covers_every_endpoint(base_url: str) -> None:
             results = await asyncio.gather(*(cs.search_text(f"a square {i}", k=2) for i in range(8)))
             assert all(r.bundle == info.bundle and len(r.results) == 2 for r in results)
             hit = (await cs.search_image(helpers.png(), k=1, target="images")).results[0]
+            mixed = await cs.search([], image=helpers.png(), k=1)  # the multipart POST /v1/search
+            assert mixed.results[0].id == hit.id and mixed.results[0].score == pytest.approx(
+                hit.score, abs=1e-5
+            )
+            info_fields = (await cs.info()).user_fields
+            assert info_fields == []  # this bundle has no user fields
             assert (await cs.item(hit.id)).id == hit.id
             assert (await cs.item_image(0)).startswith(b"\x89PNG")
             assert len((await cs.embed_texts(["x"])).embeddings[0]) == 32

@@ -108,3 +108,10 @@ def test_item_endpoint_carries_the_user_fields(shop: TestClient) -> None:
     hits = shop.post("/v1/search/text", json={"query": "a red square", "k": 1}).json()["results"]
     item = shop.get(f"/v1/items/{hits[0]['id']}").json()
     assert item["fields"] == hits[0]["fields"] and item["folder"] == hits[0]["folder"]
+
+
+def test_info_lists_the_user_fields_a_filter_may_name(shop: TestClient) -> None:
+    fields = shop.get("/v1/info").json()["user_fields"]
+    assert fields == ["price", "tags", "tone"]  # the CSV's extra columns, sorted; caption is not one
+    for name in fields:
+        assert shop.get("/v1/facets", params={"field": name}).status_code == 200

@@ -3,6 +3,7 @@ known set of copies, over a bundle the real indexer built."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,3 +138,77 @@ def test_an_items_duplicates_are_its_copies(served: tuple[TestClient, Path]) -> 
     assert client.get(f"/v1/items/{by_stem['c']}/duplicates", params={"threshold": 2}).status_code == 422
     cs = Client(http=client)
     assert len(cs.duplicates(by_stem["b"], threshold=0.9999).group) == 3
+
+
+def _photo(bundles: Path, stem: str) -> bytes:
+    b = open_bundle(bundles)
+    try:
+        path = next(it.path for it in b.items.all("image") if it.path and Path(it.path).stem == stem)
+    finally:
+        b.close()
+    return Path(path).read_bytes()
+
+
+def test_multipart_search_equals_the_json_search_with_the_images_vector(
+    served: tuple[TestClient, Path],
+) -> None:
+    client, bundles = served
+    photo = _photo(bundles, "d")
+    vec = client.post("/v1/embed/image", files={"file": ("d.png", photo)}).json()["embeddings"][0]
+    terms = [{"text": "picture a", "weight": -0.4}]
+    options = {"k": 4, "target": "images", "offset": 1, "dedup": 0.9999, "min_score": -1.0}
+    want = client.post("/v1/search", json={"terms": [*terms, {"vector": vec, "weight": 0.8}], **options})
+    assert want.status_code == 200, want.text
+    form = {"terms": json.dumps(terms), "weight": "0.8", **{k: str(v) for k, v in options.items()}}
+    got = client.post("/v1/search", files={"file": ("d.png", photo)}, data=form)
+    assert got.status_code == 200, got.text
+    assert [h["id"] for h in got.json()["results"]] == [h["id"] for h in want.json()["results"]]
+    np.testing.assert_allclose(
+        [h["score"] for h in got.json()["results"]], [h["score"] for h in want.json()["results"]], atol=1e-5
+    )
+    # The image alone (weight 1, no terms) is an image search: the photo itself first, at cosine ~1.
+    alone = client.post("/v1/search", files={"file": ("d.png", photo)}, data={"k": "1", "terms": ""}).json()[
+        "results"
+    ]
+    assert Path(alone[0]["path"]).stem.startswith("d") and alone[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    flt = {"path": {"glob": "*/c.png"}}
+    kept = client.post("/v1/search", files={"file": ("d.png", photo)}, data={"filter": json.dumps(flt)})
+    assert [Path(h["path"]).name for h in kept.json()["results"]] == ["c.png"]
+    cs = Client(http=client)
+    again = cs.search([("picture a", -0.4)], image=photo, image_weight=0.8, **options)  # type: ignore[arg-type]
+    assert [h.id for h in again.results] == [h["id"] for h in want.json()["results"]]
+
+
+@pytest.mark.parametrize(
+    ("form", "status", "code", "names"),
+    [
+        ({"terms": "[{nope"}, 422, "invalid_request", "terms"),
+        ({"terms": '{"text": "x"}'}, 422, "invalid_request", "terms"),
+        ({"terms": '[{"text": "x", "item": 1}]'}, 422, "invalid_request", "terms[0]"),
+        ({"terms": '[{"text": " "}]'}, 422, "empty_query", "terms[0].text"),
+        ({"filter": "{nope"}, 422, "invalid_filter", "filter"),
+        ({"filter": '{"nosuch": {"eq": 1}}'}, 422, "invalid_filter", "nosuch"),
+        ({"weight": "heavy"}, 422, "invalid_request", "weight"),
+        ({"weight": "0"}, 422, "empty_query", "cancel"),
+        ({"k": "0"}, 422, "invalid_request", "k"),
+        ({"colour": "red"}, 422, "invalid_request", "colour"),
+    ],
+)
+def test_bad_multipart_fields_are_422_naming_the_field(
+    served: tuple[TestClient, Path], form: dict[str, str], status: int, code: str, names: str
+) -> None:
+    client, bundles = served
+    r = client.post("/v1/search", files={"file": ("a.png", _photo(bundles, "a"))}, data=form)
+    assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    assert names in r.json()["error"]["message"]
+
+
+def test_an_undecodable_upload_is_refused_as_on_the_image_route(served: tuple[TestClient, Path]) -> None:
+    client, _ = served
+    for endpoint in ("/v1/search/image", "/v1/search"):
+        r = client.post(endpoint, files={"file": ("n.png", b"not an image")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "not_an_image", (endpoint, r.text)
+    r = client.post("/v1/search", data={"terms": "[]"})  # form-encoded, no file: still refused clearly
+    assert r.status_code == 415, r.text
+    r = client.post("/v1/search", files={"other": ("a.png", b"x")})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "missing_file", r.text

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +73,49 @@ def web_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, 
     return out
 
 
+# The shop bundle: the colour squares with a CSV's extra columns (`tone`, `price`) as user fields, and
+# file times in two months, for the Filters panel.
+WARM = ("red", "orange", "yellow", "purple")
+JUNE_2024 = datetime(2024, 6, 15, 12, tzinfo=UTC).timestamp()
+JANUARY_2023 = datetime(2023, 1, 10, 12, tzinfo=UTC).timestamp()
+
+
+@pytest.fixture(scope="session")
+def shop_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    from tests.conftest import COLOURS, make_colour_dataset
+    from tests.index.helpers import run_index
+
+    root = tmp_path_factory.mktemp("web-shop")
+    make_colour_dataset(root)
+    with open(root / "shop.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "caption", "tone", "price"])
+        for i, name in enumerate(COLOURS):
+            w.writerow([f"images/{name}.png", f"a {name} square", "warm" if name in WARM else "cool", i * 10])
+            t = JUNE_2024 if name in WARM else JANUARY_2023
+            os.utime(root / "images" / f"{name}.png", (t, t))
+    bundles = root / "bundles"
+    run_index(tiny_model_dir, root / "shop.csv", bundles)
+    return bundles
+
+
+@pytest.fixture(scope="session")
+def shop_server(shop_bundles: Path) -> Iterator[LiveServer]:
+    live = LiveServer(shop_bundles)
+    yield live
+    live.close()
+
+
+@pytest.fixture
+def shop(browser: Browser, shop_server: LiveServer) -> Iterator[Visit]:
+    """A desktop-sized page on the shop bundle's server (same checks as `visit`)."""
+    v = Visit(browser, shop_server.url, viewport={"width": 1280, "height": 900})
+    yield v
+    v.close()
+    assert v.foreign == [], f"the page made requests outside its origin: {v.foreign}"
+    assert v.errors == [], f"uncaught errors in the page: {v.errors}"
+
+
 @pytest.fixture(scope="session")
 def server(web_bundles: Path) -> Iterator[LiveServer]:
     live = LiveServer(web_bundles)
@@ -100,6 +146,7 @@ class Visit:
         self.requests: list[str] = []
         self.foreign: list[str] = []
         self.search_bodies: list[str] = []  # JSON bodies of text searches, in order
+        self.posts: list[tuple[str, bytes]] = []  # (path, body) of every POST, in order
         self.errors: list[str] = []
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
@@ -111,6 +158,8 @@ class Visit:
         self.requests.append(url)
         if url.endswith("/v1/search/text"):
             self.search_bodies.append(route.request.post_data or "")
+        if route.request.method == "POST":
+            self.posts.append((urlsplit(url).path, route.request.post_data_buffer or b""))
         parts = urlsplit(url)
         if parts.scheme in ("blob", "data") or f"{parts.scheme}://{parts.netloc}" == self.base_url:
             route.continue_()
