@@ -134,7 +134,7 @@ def _train(
     if index.is_trained:
         return mask
     try:
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         if isinstance(ivf, faiss.IndexIVFPQ):
             ivf.do_polysemous_training = False  # minutes at 512-d, and nothing here searches by Hamming
     except RuntimeError:
