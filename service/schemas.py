@@ -221,6 +221,9 @@ class IndexInfo(BaseModel):
     factory: str
     metric: str
     recall_at_10: float | None = None
+    recall_warning: str | None = Field(
+        None, description="Set when the index was published below its recall target (--accept-low-recall)."
+    )
 
 
 class FallbackInfo(BaseModel):

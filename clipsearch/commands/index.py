@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clipsearch.commands.app import OPTIONAL_VALUES, app, setup_logging, user_errors
+from clipsearch.commands.app import OPTIONAL_VALUES, app, setup_logging, user_errors, warn
 from indexer.core.errors import ClipsearchError
 
 if TYPE_CHECKING:
@@ -62,6 +62,14 @@ def index_command(
     exact_max: Annotated[
         int, typer.Option(help="`auto` keeps exact search up to this many vectors.")
     ] = 200_000,
+    accept_low_recall: Annotated[
+        bool,
+        typer.Option(
+            "--accept-low-recall",
+            help="With --index auto: publish (with a warning) when no layout within --max-index-memory "
+            "reaches recall@10 0.95, instead of failing.",
+        ),
+    ] = False,
     keep: Annotated[int, typer.Option(help="Keep this many newest bundles (0 keeps all).")] = 3,
     full: Annotated[bool, typer.Option("--full", help="Re-hash and re-embed everything.")] = False,
     reset_ids: Annotated[
@@ -150,6 +158,7 @@ def index_command(
                 kind=index,
                 max_memory=parse_bytes(max_index_memory),
                 exact_max=_positive("--exact-max", exact_max, 0),
+                accept_low_recall=accept_low_recall,
             ),
             embed=EmbedConfig(
                 batch_size=_positive("--batch-size", batch_size),
@@ -167,6 +176,7 @@ def index_command(
             _watch(cfg, settle, poll, json_out)
             return
         result = reindex(cfg)
+        _warn_low_recall(bundles / result.bundle)
     if json_out:
         typer.echo(json.dumps(result.summary()))
         return
@@ -176,6 +186,16 @@ def index_command(
         f"{f' at {result.images_per_s:.1f} img/s' if result.embedded else ''}), {result.texts} texts, "
         f"{result.skipped} skipped, in {result.seconds:.1f} s"
     )
+
+
+def _warn_low_recall(bundle_dir: Path) -> None:
+    """The published bundle's recall warnings (`--accept-low-recall`), on stderr after the log."""
+    from indexer.core.bundle.manifest import load_manifest
+
+    m = load_manifest(bundle_dir)
+    for name, spec in (("images", m.images), ("texts", m.texts)):
+        if spec.recall_warning:
+            warn(f"{name} index: {spec.recall_warning} (published because of --accept-low-recall)")
 
 
 def _ray_config(

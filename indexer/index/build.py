@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 NAMED = ("auto", "flat", "hnsw", "ivfpq")
 HNSW_M = 32
+HNSW_MAX = 100_000  # `auto` builds HNSW up to this many vectors (200k x 512-d took 297 s on 2 busy cores)
+REFINE_K_FACTOR = 8  # a refined IVF-PQ re-ranks k * this many of its candidates exactly
 # Search-time knobs tried in order; the first that reaches the recall target is written to the manifest.
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
 NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -39,6 +42,7 @@ class IndexConfig:
     train_sample: int = 100_000  # vectors used to train IVF/PQ
     recall_target: float = 0.95  # `auto` tunes nprobe/efSearch until recall@10 reaches this
     recall_queries: int = 500  # held-out queries for measuring recall@10
+    accept_low_recall: bool = False  # `auto` publishes below the target instead of failing (warns)
     seed: int = 0
 
 
@@ -65,7 +69,7 @@ def ivfpq_factory(n: int, d: int, max_memory: int) -> str:
 
 
 def choose_factory(n: int, d: int, cfg: IndexConfig) -> str:
-    """The FAISS factory string for `cfg.kind` at this collection size."""
+    """The FAISS factory string for `cfg.kind` at this collection size ("auto": measured in `_choose`)."""
     kind = cfg.kind
     if kind == "flat" or n == 0:
         return "Flat"
@@ -77,9 +81,7 @@ def choose_factory(n: int, d: int, cfg: IndexConfig) -> str:
         return kind
     if n <= cfg.exact_max and flat_bytes(n, d) <= cfg.max_memory:
         return "Flat"
-    if hnsw_bytes(n, d) <= cfg.max_memory:
-        return f"HNSW{HNSW_M}"
-    return ivfpq_factory(n, d, cfg.max_memory)
+    return "auto"  # chosen by measurement among `auto_candidates`
 
 
 def validate_factory(kind: str, d: int = 64) -> None:
@@ -91,6 +93,13 @@ def validate_factory(kind: str, d: int = 64) -> None:
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else "invalid"
         raise IndexBuildError(f"--index {kind!r} is not a valid FAISS index_factory string ({msg})") from None
+
+
+def _nlist_of(index: faiss.Index) -> int:
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return 0
 
 
 def _is_exact(factory: str) -> bool:
@@ -109,13 +118,27 @@ def _new_index(d: int, factory: str) -> faiss.Index:
 Blocks = Callable[[], Iterator[np.ndarray]]  # a fresh pass over the (n, d) vectors, in `ids` order
 
 
-def _train(index: faiss.Index, blocks: Blocks, n: int, cfg: IndexConfig) -> np.ndarray:
-    """Train on a random sample; returns a mask of the rows used (they are not used as recall queries)."""
+def _sample_mask(n: int, size: int, cfg: IndexConfig) -> np.ndarray:
     rng = np.random.default_rng(cfg.seed)
     mask = np.zeros(n, dtype=bool)
-    mask[rng.choice(n, size=min(n, cfg.train_sample), replace=False)] = True
+    mask[rng.choice(n, size=min(n, size), replace=False)] = True
+    return mask
+
+
+def _train(
+    index: faiss.Index, blocks: Blocks, n: int, cfg: IndexConfig, size: int, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Train on a random sample (streamed from `blocks`); returns a mask of the rows used (they are not
+    used as recall queries)."""
+    mask = _sample_mask(n, size, cfg) if mask is None else mask
     if index.is_trained:
         return mask
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            ivf.do_polysemous_training = False  # minutes at 512-d, and nothing here searches by Hamming
+    except RuntimeError:
+        pass
     sample, start = [], 0
     for xb in blocks():
         sample.append(xb[mask[start : start + len(xb)]])
@@ -144,22 +167,201 @@ def _add(index: faiss.Index, blocks: Blocks, ids: np.ndarray) -> faiss.Index:
     return index
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A layout `auto` may build: its factory string and the bytes it will take, estimated beforehand."""
+
+    factory: str
+    bytes: int
+    fallback: bool = False  # tried only when no earlier candidate reached the recall target
+
+
+@dataclass
+class Trial:
+    """One candidate as built and measured (benchmarks print these)."""
+
+    factory: str
+    bytes: int
+    build_s: float
+    recall: float
+    params: dict[str, int]
+    p50_ms: float
+
+
+class LowRecallError(IndexBuildError):
+    """No layout within the memory budget reaches the recall target (and it was not accepted)."""
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists ~ sqrt(n), a power of two, with at least 39 points per centroid."""
+    want = 2 ** round(math.log2(max(1.0, math.sqrt(n))))
+    return int(max(1, min(want, n // 39)))
+
+
+def train_size(n: int, nlist: int, cfg: IndexConfig) -> int:
+    """Training points: `cfg.train_sample`, raised to 64 per coarse centroid (FAISS wants 39-256)."""
+    return min(n, max(cfg.train_sample, 64 * nlist, 256 * 39 if n >= 256 * 39 else 0))
+
+
+IDMAP2_BYTES = 56  # per vector: the id array plus the reverse hash map of an IndexIDMap2
+
+
+def auto_candidates(n: int, d: int, cfg: IndexConfig) -> list[Candidate]:
+    """The layouts `auto` considers past the exact limit that fit `cfg.max_memory`, cheapest to build first.
+
+    Memory is estimated from the layout (codes + ids + centroids) before anything is built."""
+    nlist = nlist_for(n)
+    coarse = nlist * d * 4
+    m = max(x for x in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if d % x == 0 and x <= max(1, d // 8))
+    nbits = 8 if n >= 256 * 39 else 4  # k-means needs ~39 points per centroid
+    pq = f"PQ{m}x{nbits}"
+    code = (m * nbits + 7) // 8
+    out: list[Candidate] = []
+    if n <= HNSW_MAX:
+        out.append(Candidate(f"HNSW{HNSW_M}", hnsw_bytes(n, d) + n * IDMAP2_BYTES))
+    # IVF over 8-bit scalar codes first: cheap to build (it trains the coarse centroids the others reuse)
+    out.append(Candidate(f"IVF{nlist},SQ8", coarse + n * (d + 8)))
+    # An IVF-PQ scan (m bytes a vector) re-ranked exactly by a finer copy: the first refinement that fits.
+    for refine, per in (("Flat", 4 * d), ("SQfp16", 2 * d), ("SQ8", d)):
+        size = coarse + n * (code + 8 + per + IDMAP2_BYTES)
+        if size <= cfg.max_memory:
+            out.append(Candidate(f"IVF{nlist},{pq},Refine({refine})", size))
+            break
+    out.append(Candidate(f"IVF{nlist},SQfp16", coarse + n * (2 * d + 8), fallback=True))
+    out.append(Candidate(f"OPQ{m},IVF{nlist},{pq}", coarse + d * d * 4 + n * (code + 8), fallback=True))
+    out.append(Candidate(f"IVF{nlist},{pq}", coarse + n * (code + 8), fallback=True))
+    return [c for c in out if c.bytes <= cfg.max_memory]
+
+
+class _BlasThreshold:
+    """FAISS 1.15.1 scans batches under `distance_compute_blas_threshold` (128,000) query by query; the
+    build's batches (training, adding, the ground truth) take the BLAS path while this is entered."""
+
+    def __init__(self, value: int = 20) -> None:
+        self.value, self.saved = value, 0
+
+    def __enter__(self) -> None:
+        self.saved = int(faiss.cvar.distance_compute_blas_threshold)
+        faiss.cvar.distance_compute_blas_threshold = self.value
+
+    def __exit__(self, *exc: object) -> None:
+        faiss.cvar.distance_compute_blas_threshold = self.saved
+
+
 def build_index(blocks: Blocks, ids: np.ndarray, d: int, cfg: IndexConfig) -> tuple[faiss.Index, IndexSpec]:
     """Build the index for the vectors `blocks()` yields, with FAISS ids = `ids`.
 
     Returns the index and its IndexSpec (without `file`, which the caller names).
     """
+    index, spec, _ = build_index_trials(blocks, ids, d, cfg)
+    return index, spec
+
+
+def build_index_trials(
+    blocks: Blocks, ids: np.ndarray, d: int, cfg: IndexConfig
+) -> tuple[faiss.Index, IndexSpec, list[Trial]]:
+    """`build_index`, also returning what `auto` measured for each candidate it built."""
     n = len(ids)
     factory = choose_factory(n, d, cfg)
-    index = _new_index(d, factory)
     if _is_exact(factory):
+        index = _add(_new_index(d, factory), blocks, ids)
+        return index, IndexSpec(file="", count=n, factory="Flat", recall_at_10=None), []
+    with _BlasThreshold():
+        if cfg.kind == "auto":
+            return _choose(blocks, ids, d, cfg)
+        index = _new_index(d, factory)
+        trained = _train(index, blocks, n, cfg, train_size(n, _nlist_of(index), cfg))
         index = _add(index, blocks, ids)
-        return index, IndexSpec(file="", count=n, factory="Flat", recall_at_10=None)
-    trained = _train(index, blocks, n, cfg)
-    index = _add(index, blocks, ids)
-    recall, params = tune_recall(index, blocks, ids, trained, cfg)
+        recall, params = tune_recall(index, blocks, ids, trained, cfg)
     log.info("%s over %d vectors: recall@10 %.3f vs exact with %s", factory, n, recall, params or "defaults")
-    return index, IndexSpec(file="", count=n, factory=factory, recall_at_10=recall, params=params)
+    return index, IndexSpec(file="", count=n, factory=factory, recall_at_10=recall, params=params), []
+
+
+def _choose(
+    blocks: Blocks, ids: np.ndarray, d: int, cfg: IndexConfig
+) -> tuple[faiss.Index, IndexSpec, list[Trial]]:
+    """Build each candidate that fits, measure recall@10 (after tuning its knob) and single-query latency;
+    keep the fastest reaching the target, else (with `accept_low_recall`) the one with the best recall."""
+    n = len(ids)
+    cands = auto_candidates(n, d, cfg)
+    if not cands:
+        raise IndexBuildError(
+            f"{n:,} vectors do not fit in --max-index-memory={cfg.max_memory:,} bytes even as IVF-PQ; "
+            "raise it"
+        )
+    nlist = nlist_for(n)
+    trained = _sample_mask(n, train_size(n, nlist, cfg), cfg)
+    xq, truth = _ground_truth(blocks, ids, trained, cfg)
+    centroids: np.ndarray | None = None
+    best: tuple[faiss.Index, Trial] | None = None
+    trials: list[Trial] = []
+    for cand in cands:
+        if cand.fallback and best is not None and best[1].recall >= cfg.recall_target:
+            continue
+        start = time.perf_counter()
+        index = _new_index(d, cand.factory)
+        if centroids is not None and not cand.factory.startswith("OPQ"):
+            faiss.extract_index_ivf(index).quantizer.add(centroids)  # k-means once for all IVF layouts
+        _train(index, blocks, n, cfg, int(trained.sum()), trained)
+        index = _add(index, blocks, ids)
+        built = time.perf_counter() - start
+        if centroids is None and "IVF" in cand.factory and not cand.factory.startswith("OPQ"):
+            q = faiss.extract_index_ivf(index).quantizer
+            centroids = q.reconstruct_n(0, q.ntotal)
+        recall, params = _tune(index, xq, truth, cfg)
+        trial = Trial(cand.factory, cand.bytes, round(built, 2), round(recall, 4), params, _p50_ms(index, xq))
+        trials.append(trial)
+        log.info(
+            "auto: %s (%.0f MiB) built in %.1f s: recall@10 %.3f with %s, p50 %.2f ms a query",
+            cand.factory, cand.bytes / 2**20, built, recall, params or "defaults", trial.p50_ms,
+        )  # fmt: skip
+        if best is None or _better(trial, best[1], cfg.recall_target):
+            best = (index, trial)
+        del index
+    assert best is not None
+    index, trial = best
+    warning = None
+    if trial.recall < cfg.recall_target:
+        warning = (
+            f"no index layout within --max-index-memory={cfg.max_memory / 2**30:.2f} GiB reaches recall@10 "
+            f"{cfg.recall_target} on these {n:,} vectors; the best, {trial.factory}, reaches "
+            f"{trial.recall:.3f}"
+        )
+        if not cfg.accept_low_recall:
+            raise LowRecallError(f"{warning}: raise --max-index-memory, or pass --accept-low-recall")
+        log.warning("LOW RECALL: %s (accepted with --accept-low-recall)", warning)
+    log.info("auto chose %s: recall@10 %.3f, p50 %.2f ms", trial.factory, trial.recall, trial.p50_ms)
+    spec = IndexSpec(
+        file="",
+        count=n,
+        factory=trial.factory,
+        recall_at_10=trial.recall,
+        params=trial.params,
+        recall_warning=warning,
+    )
+    return index, spec, trials
+
+
+def _better(a: Trial, b: Trial, target: float) -> bool:
+    """Reaching the target first, then lower latency; below it, higher recall."""
+    if (a.recall >= target) != (b.recall >= target):
+        return a.recall >= target
+    if a.recall >= target:
+        return a.p50_ms < b.p50_ms
+    return a.recall > b.recall
+
+
+def _p50_ms(index: faiss.Index, xq: np.ndarray, queries: int = 200) -> float:
+    """Median time of one query at a time (k=10), after a few warm-up queries."""
+    k = min(10, int(index.ntotal))
+    for q in xq[:5]:
+        index.search(q[None], k)
+    times = []
+    for q in xq[:queries]:
+        t = time.perf_counter()
+        index.search(q[None], k)
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1000, 3)
 
 
 def _queries(blocks: Blocks, trained: np.ndarray, cfg: IndexConfig) -> np.ndarray:
@@ -183,21 +385,36 @@ def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
+def _ground_truth(
+    blocks: Blocks, ids: np.ndarray, trained: np.ndarray, cfg: IndexConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out queries and their exact top-10 item ids (one BLAS pass per block when the caller lowered
+    FAISS's BLAS threshold, see `_BlasThreshold`)."""
+    xq = _queries(blocks, trained, cfg)
+    k = min(10, len(ids))
+    _, gt_pos = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)  # type: ignore[no-untyped-call]
+    return xq, ids[gt_pos]
+
+
 def tune_recall(
     index: faiss.Index, blocks: Blocks, ids: np.ndarray, trained: np.ndarray, cfg: IndexConfig
 ) -> tuple[float, dict[str, int]]:
     """Measured recall@10 vs exact search, after choosing the cheapest nprobe/efSearch reaching the target."""
-    xq = _queries(blocks, trained, cfg)
-    k = min(10, len(ids))
-    _, gt_pos = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)  # type: ignore[no-untyped-call]
-    truth = ids[gt_pos]
+    xq, truth = _ground_truth(blocks, ids, trained, cfg)
+    return _tune(index, xq, truth, cfg)
+
+
+def _tune(
+    index: faiss.Index, xq: np.ndarray, truth: np.ndarray, cfg: IndexConfig
+) -> tuple[float, dict[str, int]]:
+    k = truth.shape[1]
     ladder = _ladder(index)
     best: tuple[float, dict[str, int]] = (0.0, {})
     ps = faiss.ParameterSpace()
-    for name, value in ladder:
-        ps.set_index_parameters(index, f"{name}={value}")  # type: ignore[arg-type]
+    for setting in ladder:
+        ps.set_index_parameters(index, ",".join(f"{n}={v}" for n, v in setting.items()))  # type: ignore[arg-type]
         _, found = index.search(xq, k)
-        best = (recall_at_10(found, truth), {name: value})
+        best = (recall_at_10(found, truth), setting)
         if best[0] >= cfg.recall_target:
             break
     if not ladder:
@@ -206,16 +423,23 @@ def tune_recall(
     return round(best[0], 4), best[1]
 
 
-def _ladder(index: faiss.Index) -> list[tuple[str, int]]:
+def _ladder(index: faiss.Index) -> list[dict[str, int]]:
+    refine = _refine(index)
     try:
         nlist = faiss.extract_index_ivf(index).nlist
-        return [("nprobe", p) for p in NPROBE if p <= nlist]
+        extra = {"k_factor_rf": REFINE_K_FACTOR} if refine else {}
+        return [{"nprobe": p, **extra} for p in NPROBE if p <= nlist]
     except RuntimeError:
         pass
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if isinstance(inner, faiss.IndexHNSW):
-        return [("efSearch", e) for e in EF_SEARCH]
+        return [{"efSearch": e} for e in EF_SEARCH]
     return []
+
+
+def _refine(index: faiss.Index) -> bool:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return isinstance(inner, faiss.IndexRefine)
 
 
 def array_blocks(x: np.ndarray, block: int = 4096) -> Blocks:

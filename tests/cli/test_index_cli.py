@@ -192,3 +192,38 @@ def test_verify_and_list_report_a_broken_current(tiny_model_dir, tmp_path, capsy
         assert err.startswith("warning: ") and needle in err
     rc, _, err = call(["bundles", "gc", "--bundles", str(bundles), "--keep", "1"], capsys)
     assert rc == 1 and "not pruning" in err and (bundles / name).is_dir()
+
+
+def test_auto_below_the_recall_target_fails_unless_accepted_and_info_shows_it(
+    tiny_model_dir, tmp_path, capsys
+):
+    """A budget that leaves `auto` only a plain 2-byte PQ: one error line and no bundle, or with
+    --accept-low-recall a bundle whose manifest, stderr and `/v1/info` carry the warning."""
+    from fastapi.testclient import TestClient
+
+    from indexer.core.bundle.read import open_bundle
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    src = make_folder(tmp_path / "p", 40, captions=False)
+    bundles = tmp_path / "b"
+    args = ["index", "--model", str(tiny_model_dir), "--images", str(src), "--bundles", str(bundles)]
+    args += ["--exact-max", "0", "--max-index-memory", "600", "--workers", "0"]
+    rc, out, err = call(args, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 1 and out == "" and len(errors) == 1, err
+    assert "recall@10" in errors[0] and "--accept-low-recall" in errors[0]
+    assert not (bundles / "CURRENT").exists()
+
+    rc, out, err = call([*args, "--accept-low-recall"], capsys)
+    assert rc == 0, err
+    assert any(line.startswith("warning: images index: no index layout") for line in err.splitlines()), err
+    b = open_bundle(bundles)
+    warning = b.manifest.images.recall_warning
+    assert warning and b.manifest.images.recall_at_10 is not None and b.manifest.images.recall_at_10 < 0.95
+    assert b.manifest.texts.recall_warning is None
+    b.close()
+    settings = ServiceSettings(bundles=bundles, device="cpu", reload_poll_s=0)  # type: ignore[call-arg]
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        info = client.get("/v1/info").json()
+    assert info["images"]["recall_warning"] == warning and info["texts"]["recall_warning"] is None

@@ -39,6 +39,9 @@ class IndexSpec(BaseModel):
     metric: Literal["inner_product"] = "inner_product"
     recall_at_10: float | None = Field(None, description="measured vs exact search; None for exact")
     params: dict[str, Any] = Field(default_factory=dict, description="search-time params, e.g. nprobe")
+    recall_warning: str | None = Field(
+        None, description="set when `--index auto` published below its recall target (--accept-low-recall)"
+    )
 
 
 class FileEntry(BaseModel):
@@ -80,9 +83,16 @@ class BundleManifest(BaseModel):
 
     def to_json(self) -> str:
         """The manifest file's text; a version without segments is written exactly as schema 1 was."""
+        # `recall_warning` is written only when set, so a bundle without one reads in older versions too
+        quiet = {
+            t: {"recall_warning"} for t in ("images", "texts") if getattr(self, t).recall_warning is None
+        }
         if self.segments:
-            return self.model_copy(update={"schema_version": 2}).model_dump_json(indent=2)
-        return self.model_copy(update={"schema_version": 1}).model_dump_json(indent=2, exclude={"segments"})
+            return self.model_copy(update={"schema_version": 2}).model_dump_json(indent=2, exclude=quiet)
+        return self.model_copy(update={"schema_version": 1}).model_dump_json(
+            indent=2,
+            exclude={"segments": True, **quiet},
+        )
 
 
 def load_manifest(root: Path) -> BundleManifest:

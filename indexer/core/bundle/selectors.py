@@ -83,6 +83,15 @@ def search_subset(
     if graph and (found := _scan_storage(index, queries, k, bitmap)) is not None:
         return found
     sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+    refine = _inner(index)
+    if isinstance(index, faiss.IndexIDMap) and isinstance(refine, faiss.IndexRefine):
+        # `auto`'s refined IVF-PQ: the ids are the outer map's, so its base index gets the rows they name;
+        # an IndexRefine accepts only its own parameters, wrapping the base index's
+        by_row = faiss.IDSelectorTranslated(index.id_map, sel)  # type: ignore[arg-type]
+        base = _params(index, ivf, by_row, frac, k)
+        refined = faiss.IndexRefineSearchParameters()
+        refined.base_index_params, refined.k_factor = base, refine.k_factor
+        return index.search(queries, k, params=refined)
     params = _params(index, ivf, sel, frac, k)  # `sel` and `bitmap` live until the search returns
     outer = params
     if _pretransform(index):
