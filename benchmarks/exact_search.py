@@ -21,12 +21,12 @@ from collections.abc import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import faiss
+import numpy as np
+import torch
 
-from indexer.core.bundle import exact  # noqa: E402
-from indexer.core.bundle.exact import canonical, search_flat  # noqa: E402
+from indexer.core.bundle import exact
+from indexer.core.bundle.exact import canonical, search_flat
 
 DIM = 512
 FLOOR = 1.5
@@ -76,25 +76,24 @@ def table(sizes: list[int], batches: list[int], k: int = 10) -> list[dict[str, f
         for m in batches:
             q = unit_rows(m, 1 + m)
             reps = 5 if n <= 200_000 else 2
-            ours = best_ms(lambda: search_flat(index, q, k), reps)
+            ours = best_ms(lambda index=index, q=q: search_flat(index, q, k), reps)
             faiss.cvar.distance_compute_blas_threshold = 128000  # faiss-cpu 1.15.1's default
-            default = best_ms(lambda: index.search(q, k), 1 if n > 200_000 else 3)
+            default = best_ms(lambda index=index, q=q: index.search(q, k), 1 if n > 200_000 else 3)
             want = index.search(q, k)
             faiss.cvar.distance_compute_blas_threshold = 20
-            blas = best_ms(lambda: index.search(q, k), reps)
+            blas = best_ms(lambda index=index, q=q: index.search(q, k), reps)
             faiss.cvar.distance_compute_blas_threshold = exact.BLAS_THRESHOLD
             got = search_flat(index, q, k)
             assert got is not None and (got[1] == canonical(*want)[1]).all(), "ids differ from FAISS"
             fp16 = float("nan")
             if half is not None:
                 qh = torch.from_numpy(q.astype(np.float16))
-                fp16 = best_ms(lambda: torch.topk(qh @ half.T, k, dim=1), 2)  # noqa: B023
+                fp16 = best_ms(lambda qh=qh, half=half: torch.topk(qh @ half.T, k, dim=1), 2)
             row = {"vectors": n, "queries": m, "ours_ms": ours, "faiss_default_ms": default,
                    "faiss_blas_ms": blas, "torch_fp16_ms": fp16, "bound_ms": bound}  # fmt: skip
             rows.append(row)
             print(f"  {n:>9} {m:>7} {ours:>9.1f} {default:>10.1f} {blas:>10.1f} {fp16:>10.1f} "
                   f"{bound:>8.1f} {ours / bound:>9.2f}x {default / ours:>7.1f}x", flush=True)  # fmt: skip
-        del index, stored, half
     at16 = [r for r in rows if r["queries"] == 16]
     worst = max(r["ours_ms"] / r["bound_ms"] for r in at16) if at16 else float("nan")
     print(f"  batch of 16: ours within {worst:.2f}x of the bandwidth bound (floor {FLOOR}x)")
