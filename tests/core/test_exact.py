@@ -137,3 +137,15 @@ def test_mapped_index_read_from_a_file(tmp_path):
     faiss.write_index(_flat(x, np.arange(1000, dtype=np.int64) + 100), str(tmp_path / "i.faiss"))
     index = faiss.read_index(str(tmp_path / "i.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     _same(search_flat(index, q, 10), index.search(q, 10))
+
+
+def test_the_bundle_searches_flat_layers_with_this_kernel_and_faiss_batches_share_a_gemm():
+    """`_search_index` (every layer's search) gives this module's tie order, which FAISS's heap does not,
+    and FAISS's own flat scans of 20 queries or more take its BLAS path (threshold set on import)."""
+    x = np.zeros((6, 4), np.float32)
+    x[:, 0] = 1.0
+    x[2, 0] = 2.0
+    q = np.array([[1.0, 0, 0, 0]], np.float32)
+    index = _flat(x, np.arange(6, dtype=np.int64) + 10)
+    assert _search_index(index, q, 4)[1].tolist() == [[12, 10, 11, 13]]
+    assert faiss.cvar.distance_compute_blas_threshold == exact.BLAS_THRESHOLD == 20
