@@ -1,7 +1,7 @@
 """Exact-search table: one batch of 1, 16 and 64 queries over flat indexes of 100k and 1M 512-d vectors.
 
-Columns (best of a few runs, ms): ours (`indexer.core.bundle.exact.search_flat`: torch GEMM + top-k over
-the rows FAISS stores), `IndexFlatIP.search` with faiss's defaults (faiss-cpu 1.15.1: BLAS threshold
+Columns (best of a few runs, ms): ours (`indexer.core.bundle.exact.search_flat`: a torch GEMM + top-k over
+the rows FAISS stores or FAISS's BLAS path, measured on first use), `IndexFlatIP.search` with faiss's defaults (faiss-cpu 1.15.1: BLAS threshold
 128000, so query by query), `IndexFlatIP.search` with the threshold at 20 (FAISS's own BLAS path), a
 torch fp16 GEMM over a half-precision copy (the half-the-bytes candidate, 100k only), and the bandwidth
 bound: bytes of the vectors ÷ the memory bandwidth measured here (the best of a numpy and a torch sum
@@ -94,6 +94,7 @@ def table(sizes: list[int], batches: list[int], k: int = 10) -> list[dict[str, f
             rows.append(row)
             print(f"  {n:>9} {m:>7} {ours:>9.1f} {default:>10.1f} {blas:>10.1f} {fp16:>10.1f} "
                   f"{bound:>8.1f} {ours / bound:>9.2f}x {default / ours:>7.1f}x", flush=True)  # fmt: skip
+    print(f"  ours chose, per (batch, collection) class: {exact._chosen}")
     at16 = [r for r in rows if r["queries"] == 16]
     worst = max(r["ours_ms"] / r["bound_ms"] for r in at16) if at16 else float("nan")
     print(f"  batch of 16: ours within {worst:.2f}x of the bandwidth bound (floor {FLOOR}x)")

@@ -12,6 +12,13 @@ from indexer.core.bundle.read import _search_index
 from indexer.core.bundle.selectors import Subset, search_subset
 
 
+@pytest.fixture(params=["torch", "faiss"])
+def method(request, monkeypatch):
+    """Each test run with each candidate kernel forced (the measured choice picks one per shape)."""
+    monkeypatch.setattr(exact, "_choose", lambda m, n, run: request.param)
+    return request.param
+
+
 def _unit(rng: np.random.Generator, n: int, d: int = 32) -> np.ndarray:
     x = rng.standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -37,14 +44,14 @@ def _same(ours: tuple[np.ndarray, np.ndarray], theirs: tuple[np.ndarray, np.ndar
 
 @pytest.mark.parametrize("nq", [1, 3, 16, 64])
 @pytest.mark.parametrize("k", [1, 10, 100])
-def test_equals_faiss_flat_search(nq, k):
+def test_equals_faiss_flat_search(nq, k, method):
     rng = np.random.default_rng(nq * 1000 + k)
     x, q = _unit(rng, 2000), _unit(rng, nq)
     index = _flat(x)
     _same(search_flat(index, q, k), index.search(q, k))
 
 
-def test_id_mapped_index_returns_its_ids(monkeypatch):
+def test_id_mapped_index_returns_its_ids(monkeypatch, method):
     rng = np.random.default_rng(1)
     x, q = _unit(rng, 10_000), _unit(rng, 5)
     index = _flat(x, np.arange(10_000, dtype=np.int64) * 7 + 3)
@@ -52,7 +59,7 @@ def test_id_mapped_index_returns_its_ids(monkeypatch):
     _same(_search_index(index, q, 20), index.search(q, 20))
 
 
-def test_k_larger_than_the_collection_pads_like_faiss():
+def test_k_larger_than_the_collection_pads_like_faiss(method):
     rng = np.random.default_rng(2)
     x, q = _unit(rng, 7), _unit(rng, 4)
     index = _flat(x, np.arange(10, 17, dtype=np.int64))
@@ -62,7 +69,7 @@ def test_k_larger_than_the_collection_pads_like_faiss():
     assert (i[:, 7:] == -1).all() and (s[:, 7:] == PAD_SCORE).all() and (fs[:, 7:] == PAD_SCORE).all()
 
 
-def test_empty_index_and_empty_batch():
+def test_empty_index_and_empty_batch(method):
     index = faiss.IndexFlatIP(8)
     q = _unit(np.random.default_rng(3), 2, 8)
     _same(search_flat(index, q, 3), index.search(q, 3))
@@ -70,7 +77,7 @@ def test_empty_index_and_empty_batch():
     assert s.shape == i.shape == (0, 3)
 
 
-def test_ties_are_in_ascending_position_and_a_straddling_tie_keeps_the_lowest(monkeypatch):
+def test_ties_are_in_ascending_position_and_a_straddling_tie_keeps_the_lowest(monkeypatch, method):
     """FAISS's order among equal scores changes with k (its heap); ours is by position, and the set
     FAISS returns agrees wherever the tie is wholly inside k."""
     x = np.zeros((40, 4), np.float32)
@@ -131,7 +138,7 @@ def test_other_layouts_are_left_to_faiss():
     assert search_flat(hnsw, _unit(np.random.default_rng(8), 1, 8), 3) is None
 
 
-def test_mapped_index_read_from_a_file(tmp_path):
+def test_mapped_index_read_from_a_file(tmp_path, method):
     rng = np.random.default_rng(9)
     x, q = _unit(rng, 1000), _unit(rng, 16)
     faiss.write_index(_flat(x, np.arange(1000, dtype=np.int64) + 100), str(tmp_path / "i.faiss"))
@@ -149,3 +156,23 @@ def test_the_bundle_searches_flat_layers_with_this_kernel_and_faiss_batches_shar
     index = _flat(x, np.arange(6, dtype=np.int64) + 10)
     assert _search_index(index, q, 4)[1].tolist() == [[12, 10, 11, 13]]
     assert faiss.cvar.distance_compute_blas_threshold == exact.BLAS_THRESHOLD == 20
+
+
+def test_the_choice_is_measured_once_per_shape_class_and_small_ones_go_to_faiss(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(exact, "_chosen", {})
+    assert exact._choose(64, 1000, calls.append) == "faiss" and calls == []  # small: no measurement
+    first = exact._choose(16, 100_000, calls.append)
+    assert first in ("torch", "faiss") and sorted(calls) == ["faiss", "faiss", "torch", "torch"]
+    assert exact._choose(17, 120_000, calls.append) == first and len(calls) == 4  # same class, kept
+    exact._choose(1, 100_000, calls.append)
+    assert len(calls) == 8  # another class is measured
+
+
+def test_a_large_search_measures_then_equals_faiss(monkeypatch):
+    monkeypatch.setattr(exact, "_chosen", {})
+    rng = np.random.default_rng(10)
+    x, q = _unit(rng, 70_000, 16), _unit(rng, 16, 16)
+    index = _flat(x, np.arange(70_000, dtype=np.int64) + 1)
+    _same(search_flat(index, q, 10), index.search(q, 10))
+    assert next(iter(exact._chosen.values())) in ("torch", "faiss")
