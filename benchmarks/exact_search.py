@@ -1,12 +1,12 @@
 """Exact-search table: one batch of 1, 16 and 64 queries over flat indexes of 100k and 1M 512-d vectors.
 
-Columns (best of a few runs, ms): ours (`indexer.core.bundle.exact.search_flat`: a torch GEMM + top-k over
-the rows FAISS stores or FAISS's BLAS path, measured on first use), `IndexFlatIP.search` with faiss's defaults (faiss-cpu 1.15.1: BLAS threshold
-128000, so query by query), `IndexFlatIP.search` with the threshold at 20 (FAISS's own BLAS path), a
-torch fp16 GEMM over a half-precision copy (the half-the-bytes candidate, 100k only), and the bandwidth
-bound: bytes of the vectors ÷ the memory bandwidth measured here (the best of a numpy and a torch sum
-over a 1 GiB array). The floor: ours within 1.5x of the bound for a batch of 16. Results are checked
-equal to FAISS's (ids) on every shape.
+Columns (best of a few runs, ms): ours (`indexer.core.bundle.exact.search_flat`: a torch GEMM + top-k
+over the rows FAISS stores or FAISS's BLAS path, measured on first use), `IndexFlatIP.search` with
+faiss's defaults (faiss-cpu 1.15.1: BLAS threshold 128000, so query by query), `IndexFlatIP.search` with
+the threshold at 20 (FAISS's own BLAS path), a torch fp16 GEMM over a half-precision copy (the half-the-
+bytes candidate, 100k only), and the bandwidth bound: bytes of the vectors ÷ the memory bandwidth
+measured here (the best of a numpy and a torch sum over a 1 GiB array). The floor: ours within 1.5x of
+the bound for a batch of 16. Results are checked equal to FAISS's (ids) on every shape.
 
     python benchmarks/exact_search.py                    # 100k and 1M (needs about 6 GB of memory)
     python benchmarks/exact_search.py --sizes 100000     # 100k only
