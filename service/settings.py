@@ -23,7 +23,9 @@ class ServiceSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
     device: str = Field(default="auto", description="auto, cpu or cuda[:N] for the query encoder.")
     threads: int | None = Field(
-        default=None, ge=1, description="torch CPU threads (default: torch's choice)."
+        default=None,
+        ge=1,
+        description="torch CPU threads, encoder and exact search (default: torch's choice).",
     )
     precision: str = Field(
         default="auto",

@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer.core.bundle.exact import search_flat
 from indexer.core.bundle.filters import Filter, parse_filter
 from indexer.core.bundle.items import FieldValue, Item, ItemStore
 from indexer.core.bundle.layers import Layer, LayeredItems, LayerStack, Target
@@ -111,9 +112,11 @@ def _search_index(
     index: faiss.Index, queries: np.ndarray, k: int, subset: Subset | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One FAISS index's `k` nearest to each of `queries` ((n, dim) float32, contiguous), among
-    `subset`'s ids only when given."""
+    `subset`'s ids only when given. A flat index is scanned once for the whole batch (`exact`)."""
     if subset is not None:
         return search_subset(index, queries, k, subset)
+    if (found := search_flat(index, queries, k)) is not None:
+        return found
     scores, ids = index.search(queries, k)
     return scores, ids
 

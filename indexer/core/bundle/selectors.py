@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from indexer.core.bundle.exact import flat_storage, search_flat, search_rows
+
 log = logging.getLogger(__name__)
 
 EXACT_MAX = 65_536  # subsets up to this many vectors are searched exactly, from a flat copy kept with them
 GRAPH_FRACTION = 0.2  # below this share of an HNSW index, its stored vectors are scanned exactly instead
+COPY_FRACTION = 0.25  # below this share of a flat index (and up to EXACT_MAX), a copy of the subset is
+# scanned; above it, every stored row is scanned once with the others masked (no copy to keep)
 MAX_EF = 4096
 PAD_ID = -1
 PAD_SCORE = float(-np.finfo(np.float32).max)  # what FAISS returns beside id -1
@@ -35,6 +39,7 @@ class Subset:
     ids: np.ndarray  # (m,) int64, ascending
     _bitmap: np.ndarray | None = None
     _exact: faiss.IndexFlat | None = None
+    _allowed: np.ndarray | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __len__(self) -> int:
@@ -63,6 +68,19 @@ class Subset:
                 self._exact.add(vectors)
             return self._exact
 
+    def allowed(self, row_ids: np.ndarray | None, n: int) -> np.ndarray:
+        """(n,) bool over a flat index's rows: row r is allowed when its id (`row_ids[r]`, or r) is in
+        the subset (made once)."""
+        with self._lock:
+            if self._allowed is None:
+                if row_ids is None:
+                    mask = np.zeros(n, bool)
+                    mask[self.ids[self.ids < n]] = True
+                else:
+                    mask = np.isin(row_ids, self.ids)
+                self._allowed = mask
+            return self._allowed
+
 
 def search_subset(
     index: faiss.Index, queries: np.ndarray, k: int, subset: Subset
@@ -72,13 +90,14 @@ def search_subset(
     if len(subset) == 0 or k == 0:
         return np.full((n, k), PAD_SCORE, np.float32), np.full((n, k), PAD_ID, np.int64)
     frac = len(subset) / max(int(index.ntotal), 1)
+    if (found := _search_flat_subset(index, queries, k, subset, frac)) is not None:
+        return found
     ivf = _ivf(index)
     graph = ivf is None and not _is_flat(index) and frac < GRAPH_FRACTION  # a walk would find too few
     if graph and len(subset) <= EXACT_MAX:
         exact = subset.exact(index)
-        if exact is not None:  # FAISS, not numpy: one query stays on one thread (no BLAS thread wake-ups)
-            scores, pos = exact.search(queries, k)
-            return scores, np.where(pos >= 0, subset.ids[np.maximum(pos, 0)], PAD_ID)
+        if exact is not None:
+            return _search_copy(exact, queries, k, subset)
     bitmap = subset.bitmap()
     if graph and (found := _scan_storage(index, queries, k, bitmap)) is not None:
         return found
@@ -98,6 +117,32 @@ def search_subset(
         outer = faiss.SearchParametersPreTransform(index_params=params)  # type: ignore[call-arg]
     scores, ids = index.search(queries, k, params=outer)
     return scores, ids
+
+
+def _search_copy(
+    exact: faiss.IndexFlat, queries: np.ndarray, k: int, subset: Subset
+) -> tuple[np.ndarray, np.ndarray]:
+    found = search_flat(exact, queries, k)
+    assert found is not None, "the subset's copy is an IndexFlatIP"
+    scores, pos = found
+    return scores, np.where(pos >= 0, subset.ids[np.maximum(pos, 0)], PAD_ID)
+
+
+def _search_flat_subset(
+    index: faiss.Index, queries: np.ndarray, k: int, subset: Subset, frac: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A flat inner-product index searched over `subset` in one pass for the batch (`exact`): a copy of
+    the subset's vectors where it is small, else every row with the others masked; None otherwise."""
+    storage = flat_storage(index)
+    if storage is None:
+        return None
+    if len(subset) <= EXACT_MAX and frac < COPY_FRACTION and (exact := subset.exact(index)) is not None:
+        return _search_copy(exact, queries, k, subset)
+    rows, row_ids = storage
+    scores, pos = search_rows(rows, queries, k, subset.allowed(row_ids, len(rows)))
+    if row_ids is not None:
+        pos = np.where(pos >= 0, row_ids[np.maximum(pos, 0)], PAD_ID)
+    return scores, pos
 
 
 def _scan_storage(
