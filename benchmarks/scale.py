@@ -1,0 +1,397 @@
+"""Past one machine (issue 14), side by side in one run on this machine.
+
+1. Ray Data on one node vs the single-process pipeline: the same JPEG files, the same model (random
+   weights, no downloads), through the very code `clipsearch index` runs (`reindex`, with and without
+   `ReindexConfig.ray`, i.e. `--ray`): embedding-phase images/s of each, the ratio Ray / single process
+   (floor 0.8x: the cost of the engine on one node) and Ray with 1, 2 and 4 encoder actors. Ray runs in
+   one local instance, `ray.init(num_cpus=--ray-cpus)`, with fractional CPUs per actor so the decode tasks
+   always have a slot (ray-project/ray#44687). Rounds alternate the methods; the median is reported.
+2. DDP: `clipsearch train` with 1 process at global batch B vs `--nproc 2` (gloo) at B/2 per rank, the
+   same data, model and seed; step time from each run's own metrics.jsonl (`elapsed_s` per step, the
+   first steps dropped as warm-up), so process start-up and data loading count for neither.
+3. IVF-PQ at `--n` synthetic 512-d vectors (default 1M; `--n 10000000` for the 10M figure): built by the
+   indexer's own `build_index` with its default `auto` layout and `--max-index-memory` budget, the
+   vectors streamed in deterministic chunks (regenerated on every pass: never all of them in RAM).
+   Bytes per vector of the written index file, build time, recall@10 against exact search on 500
+   held-out queries (exact ground truth by numpy GEMM over the chunks) with the nprobe the build chose,
+   and single-query p50 latency.
+
+Usage: flock /tmp/bench.lock python benchmarks/scale.py [--only ray,ddp,ivfpq] [--images 256] [--n 1000000]
+Writes benchmarks/results/scale-<n>.json (and prints a table), with the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from index import make_images, random_model  # noqa: E402  (benchmarks/index.py)
+
+from indexer.core.architectures import register_shipped_configs  # noqa: E402
+from indexer.data.sources import SourceSpec  # noqa: E402
+from indexer.index.embed import EmbedConfig  # noqa: E402
+from indexer.index.ray_embed import RayConfig  # noqa: E402
+from indexer.index.runner import ReindexConfig, reindex  # noqa: E402
+
+D = 512
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ---------------------------------------------------------------------------------------------- 1. Ray
+
+
+def _embed_once(
+    a: argparse.Namespace, tmp: Path, folder: Path, model: Path, m: str, tag: str
+) -> tuple[float, int]:
+    """(embedding-stage seconds, images embedded) of one full `reindex` of `folder`, locally or on Ray."""
+    ray_cfg = None
+    if m != "local":
+        n = int(m.split("-")[1])
+        # Half the CPUs for the encoder pool, split between its actors; decode tasks keep the rest.
+        ray_cfg = RayConfig(actors=n, actor_cpus=min(0.5, a.ray_cpus / 2 / n), decode_cpus=0.5)
+    res = reindex(
+        ReindexConfig(
+            model_dir=model,
+            source=SourceSpec(str(folder)),
+            bundles_dir=tmp / f"bundles-{m}-{tag}",
+            embed=EmbedConfig(batch_size=a.batch_size),
+            device="cpu",
+            full=True,
+            ray=ray_cfg,
+        )
+    )
+    return res.embedded / res.images_per_s, res.embedded
+
+
+def ray_vs_local(a: argparse.Namespace, tmp: Path, small: Path, full: Path, model: Path) -> dict[str, Any]:
+    """Each method embeds a quarter of the files and then all of them: `stage` images/s is the whole
+    embedding stage of the full run (Ray's start-up and actor model loading included); `steady` images/s
+    is the marginal rate between the two runs (the extra images over the extra seconds), which is what a
+    long run on a cluster sees once the actors are up."""
+    import ray
+
+    ray.init(num_cpus=a.ray_cpus, include_dashboard=False, log_to_driver=False)
+    methods = ["local"] + [f"ray-{n}" for n in a.actors]
+    stage: dict[str, list[float]] = {m: [] for m in methods}
+    steady: dict[str, list[float]] = {m: [] for m in methods}
+    try:
+        for r in range(a.rounds):
+            for m in methods if r % 2 == 0 else methods[::-1]:
+                s_small, n_small = _embed_once(a, tmp, small, model, m, f"a{r}")
+                s_full, n_full = _embed_once(a, tmp, full, model, m, f"b{r}")
+                assert n_full == a.images, (m, n_full)
+                stage[m].append(round(n_full / s_full, 2))
+                steady[m].append(round((n_full - n_small) / max(1e-6, s_full - s_small), 2))
+                print(
+                    f"  round {r} {m}: stage {stage[m][-1]} images/s, steady {steady[m][-1]} images/s",
+                    flush=True,
+                )
+    finally:
+        ray.shutdown()
+    med_stage = {m: statistics.median(v) for m, v in stage.items()}
+    med_steady = {m: statistics.median(v) for m, v in steady.items()}
+    return {
+        "images": a.images,
+        "images_small_run": a.images // 4,
+        "model": a.model,
+        "batch_size": a.batch_size,
+        "ray_num_cpus": a.ray_cpus,
+        "rounds": a.rounds,
+        "stage_images_per_s": stage,
+        "steady_images_per_s": steady,
+        "median_stage_images_per_s": med_stage,
+        "median_steady_images_per_s": med_steady,
+        "stage_ray_over_local": {m: round(med_stage[m] / med_stage["local"], 3) for m in methods[1:]},
+        "steady_ray_over_local": {m: round(med_steady[m] / med_steady["local"], 3) for m in methods[1:]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- 2. DDP
+
+
+def train_csv(folder: Path, out: Path) -> Path:
+    paths = sorted(folder.rglob("*.jpg"))
+    lines = ["filepath,caption"] + [f"{p},a picture number {i}" for i, p in enumerate(paths)]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def step_times(run_dir: Path, warmup: int) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ends = [r["elapsed_s"] for r in rows if r.get("kind") == "train"]
+    return [b - a for a, b in itertools.pairwise(ends)][warmup:]
+
+
+def ddp(a: argparse.Namespace, tmp: Path, csv: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs: dict[str, list[float]] = {"1 process": [], "2 gloo processes": []}
+    for r in range(a.rounds):
+        for name, extra in (
+            ("1 process", ["--batch-size", str(a.global_batch)]),
+            ("2 gloo processes", ["--batch-size", str(a.global_batch // 2), "--nproc", "2"]),
+        ):
+            out = tmp / f"train-{name.replace(' ', '-')}-{r}"
+            cmd = [sys.executable, "-m", "clipsearch", "train", "--train", str(csv), "--out", str(out)]
+            cmd += [
+                "--model",
+                a.train_model,
+                "--epochs",
+                str(a.epochs),
+                "--log-every",
+                "1",
+                "--device",
+                "cpu",
+            ]
+            cmd += ["--workers", "0", "--no-progress", "--seed", "0", "--precision", "fp32", *extra]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise SystemExit(f"train failed ({name}):\n{proc.stderr[-3000:]}")
+            st = step_times(out, a.warmup_steps)
+            runs[name].append(statistics.median(st))
+            print(
+                f"  round {r} {name}: {statistics.median(st):.3f} s/step",
+                f"({time.perf_counter() - t:.0f} s wall)",
+            )
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "model": a.train_model,
+        "global_batch": a.global_batch,
+        "images": a.images,
+        "epochs": a.epochs,
+        "warmup_steps_dropped": a.warmup_steps,
+        "step_s": runs,
+        "median_step_s": med,
+        "two_over_one": round(med["2 gloo processes"] / med["1 process"], 3),
+    }
+
+
+# -------------------------------------------------------------------------------------------- 3. IVF-PQ
+
+
+class Synthetic:
+    """`n` unit 512-d vectors in `chunk`-row pieces, each regenerated from (seed, chunk index) on demand.
+
+    Clustered like embeddings are (not uniform on the sphere, where no index finds neighbours): 1,000
+    centres, each point its centre plus a spread in a shared `local_dims`-d subspace plus small isotropic
+    noise. The recall any PQ code reaches depends on this choice (more local dimensions: lower recall)."""
+
+    def __init__(self, n: int, chunk: int, local_dims: int = 32, seed: int = 0) -> None:
+        self.n, self.chunk, self.seed, self.local_dims = n, chunk, seed, local_dims
+        rng = np.random.default_rng([seed, 2**31])
+        self.centres = rng.standard_normal((1000, D), dtype=np.float32)
+        self.centres /= np.linalg.norm(self.centres, axis=1, keepdims=True)
+        self.basis = rng.standard_normal((local_dims, D), dtype=np.float32) / np.sqrt(local_dims)
+
+    def make(self, key: int, rows: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, key])
+        x = self.centres[rng.integers(0, len(self.centres), rows)]
+        x += 0.6 * (rng.standard_normal((rows, self.local_dims), dtype=np.float32) @ self.basis)
+        x += rng.standard_normal((rows, D), dtype=np.float32) * (0.15 / np.sqrt(D))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    def blocks(self):  # type: ignore[no-untyped-def]
+        for i, start in enumerate(range(0, self.n, self.chunk)):
+            yield self.make(i, min(self.chunk, self.n - start))
+
+    def queries(self, nq: int) -> np.ndarray:
+        return self.make(2**30, nq)  # a key no chunk uses: held-out points of the same distribution
+
+
+def exact_top10(data: Synthetic, xq: np.ndarray) -> np.ndarray:
+    """Exact inner-product top-10 ids by GEMM per chunk, merged (faiss's flat search would not use BLAS
+    for 500 queries here: distance_compute_blas_threshold)."""
+    best_s = np.full((len(xq), 10), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(xq), 10), dtype=np.int64)
+    start = 0
+    for xb in data.blocks():
+        s = xq @ xb.T
+        top = np.argpartition(-s, 10, axis=1)[:, :10]
+        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], axis=1)
+        cand_i = np.concatenate([best_i, top + start], axis=1)
+        order = np.argsort(-cand_s, axis=1)[:, :10]
+        best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+        start += len(xb)
+    return best_i
+
+
+def ivfpq(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import faiss
+
+    from indexer.index.build import IndexConfig, build_index, recall_at_10
+
+    # 500 queries are under faiss 1.15's BLAS threshold (128,000 in this build), which would make the
+    # build's own exact ground truth (knn_ground_truth) run the slow per-query loop: use BLAS.
+    faiss.cvar.distance_compute_blas_threshold = 20
+    data = Synthetic(a.n, a.chunk, a.local_dims)
+    cfg = IndexConfig(max_memory=a.max_index_memory)
+    ids = np.arange(a.n, dtype=np.int64)
+    t = time.perf_counter()
+    index, spec = build_index(data.blocks, ids, D, cfg)
+    build_s = time.perf_counter() - t
+    path = tmp / "index.faiss"
+    faiss.write_index(index, str(path))
+    size = path.stat().st_size
+    xq = data.queries(a.queries)
+    t = time.perf_counter()
+    truth = exact_top10(data, xq)
+    exact_s = time.perf_counter() - t
+    ps = faiss.ParameterSpace()
+    for k, v in spec.params.items():
+        ps.set_index_parameters(index, f"{k}={v}")
+    _, found = index.search(xq, 10)
+    recall = recall_at_10(found, truth)
+    lat = []
+    for q in xq:
+        t = time.perf_counter()
+        index.search(q[None, :], 10)
+        lat.append(time.perf_counter() - t)
+    # and the next rungs of the ladder, for the recall/latency trade-off
+    ladder = {}
+    for nprobe in (spec.params.get("nprobe", 1), 2 * spec.params.get("nprobe", 1)):
+        ps.set_index_parameters(index, f"nprobe={nprobe}")
+        t = time.perf_counter()
+        _, f = index.search(xq, 10)
+        ladder[str(nprobe)] = {
+            "recall_at_10": round(recall_at_10(f, truth), 4),
+            "batch_ms_per_query": round((time.perf_counter() - t) / len(xq) * 1e3, 3),
+        }
+    return {
+        "n": a.n,
+        "d": D,
+        "local_dims": a.local_dims,
+        "max_index_memory": a.max_index_memory,
+        "factory": spec.factory,
+        "params": spec.params,
+        "build_s": round(build_s, 1),
+        "build_recall_at_10": spec.recall_at_10,
+        "index_file_bytes": size,
+        "bytes_per_vector": round(size / a.n, 1),
+        "queries": a.queries,
+        "recall_at_10": round(recall, 4),
+        "p50_ms": round(statistics.median(lat) * 1e3, 3),
+        "p95_ms": round(float(np.percentile(lat, 95)) * 1e3, 3),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "exact_ground_truth_s": round(exact_s, 1),
+        "nprobe_ladder": ladder,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="ray,ddp,ivfpq", help="comma-separated sections to run")
+    p.add_argument("--images", type=int, default=512, help="JPEG files for the Ray and DDP sections")
+    p.add_argument("--model", default="small", help="model (random weights) for the Ray section")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--actors", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    p.add_argument("--ray-cpus", type=int, default=2, help="ray.init(num_cpus=...)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--train-model", default="small")
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--n", type=int, default=1_000_000, help="synthetic vectors for the IVF-PQ section")
+    p.add_argument("--chunk", type=int, default=100_000)
+    p.add_argument("--local-dims", type=int, default=32, help="synthetic data: dimensions of the spread")
+    p.add_argument("--queries", type=int, default=500)
+    p.add_argument(
+        "--max-index-memory",
+        type=int,
+        default=1 << 30,
+        help="--max-index-memory (1 GiB: auto picks IVF-PQ from 1M up)",
+    )
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    register_shipped_configs()  # `small` for random_model
+    only = set(a.only.split(","))
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": load()},
+        "command": " ".join(sys.argv),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+    try:
+        if only & {"ray", "ddp"}:
+            folder = tmp / "photos"
+            make_images(folder, a.images)
+            quarter = tmp / "photos-quarter"
+            make_images(quarter, a.images // 4, seed=1)
+        if "ray" in only:
+            print("1. Ray Data vs single process", flush=True)
+            result["ray"] = ray_vs_local(a, tmp, quarter, folder, random_model(a.model, tmp))
+            result["ray"]["load_after"] = load()
+        if "ddp" in only:
+            print("2. DDP 2 gloo processes vs 1 process", flush=True)
+            result["ddp"] = ddp(a, tmp, train_csv(folder, tmp / "train.csv"))
+            result["ddp"]["load_after"] = load()
+        if "ivfpq" in only:
+            print(f"3. IVF-PQ at {a.n:,} vectors", flush=True)
+            result["ivfpq"] = ivfpq(a, tmp)
+            result["ivfpq"]["load_after"] = load()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["machine"]["load_after"] = load()
+    out = a.out or REPO / "benchmarks" / "results" / f"scale-{a.only.replace(',', '-')}-{a.n}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {out}")
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"\nload average before {r['machine']['load_before']}, after {r['machine']['load_after']}")
+    if "ray" in r:
+        x = r["ray"]
+        print(
+            f"\nembedding {x['images']} JPEGs, {x['model']} (random weights),",
+            f"ray.init(num_cpus={x['ray_num_cpus']})",
+        )
+        print(f"{'method':<10}{'stage img/s':>12}{'vs local':>10}{'steady img/s':>14}{'vs local':>10}")
+        for m, v in x["median_stage_images_per_s"].items():
+            w = x["median_steady_images_per_s"][m]
+            r1, r2 = x["stage_ray_over_local"].get(m, 1.0), x["steady_ray_over_local"].get(m, 1.0)
+            print(f"{m:<10}{v:>12.1f}{r1:>10.2f}{w:>14.1f}{r2:>10.2f}")
+    if "ddp" in r:
+        x = r["ddp"]
+        print(f"\nDDP step time, {x['model']}, global batch {x['global_batch']}")
+        for m, v in x["median_step_s"].items():
+            print(f"{m:<18}{v:>8.3f} s/step")
+        print(f"2 processes / 1 process: {x['two_over_one']:.2f}x the step time")
+    if "ivfpq" in r:
+        x = r["ivfpq"]
+        print(f"\nIVF-PQ at {x['n']:,} x {x['d']}: {x['factory']} {x['params']}")
+        print(
+            f"  {x['bytes_per_vector']} bytes/vector ({x['index_file_bytes']:,} B file),",
+            f"build {x['build_s']} s",
+        )
+        print(
+            f"  recall@10 vs exact on {x['queries']} queries: {x['recall_at_10']}",
+            f"(the build's own: {x['build_recall_at_10']})",
+        )
+        print(f"  p50 {x['p50_ms']} ms, p95 {x['p95_ms']} ms per single query ({x['faiss_threads']} threads)")
+
+
+if __name__ == "__main__":
+    main()
