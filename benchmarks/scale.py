@@ -10,6 +10,8 @@
 2. DDP: `clipsearch train` with 1 process at global batch B vs `--nproc 2` (gloo) at B/2 per rank, the
    same data, model and seed; step time from each run's own metrics.jsonl (`elapsed_s` per step, the
    first steps dropped as warm-up), so process start-up and data loading count for neither.
+   2b (`cache`). The locked text tower's feature cache (2,048 distinct captions, `small`'s MiniLM) on 2
+   gloo ranks: every rank computing it all (the behaviour before) vs each rank its share + an all-gather.
 3. IVF-PQ at `--n` synthetic 512-d vectors (default 1M; `--n 10000000` for the 10M figure): built by the
    indexer's own `build_index` with its default `auto` layout and `--max-index-memory` budget, the
    vectors streamed in deterministic chunks (regenerated on every pass: never all of them in RAM).
@@ -17,8 +19,10 @@
    held-out queries (exact ground truth by numpy GEMM over the chunks) with the nprobe the build chose,
    and single-query p50 latency.
 
-Usage: flock /tmp/bench.lock python benchmarks/scale.py [--only ray,ddp,ivfpq] [--images 256] [--n 1000000]
-Writes benchmarks/results/scale-<n>.json (and prints a table), with the load average before and after.
+Usage: flock /tmp/bench.lock python benchmarks/scale.py [--only ray,ddp,cache,ivfpq] [--images 512]
+       [--n 1000000]
+Writes benchmarks/results/scale-<sections>-<n>.json (and prints a table), with the load average before
+and after.
 """
 
 from __future__ import annotations
@@ -173,6 +177,77 @@ def ddp(a: argparse.Namespace, tmp: Path, csv: Path) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------ 2b. locked-text cache
+
+
+def _cache_model():  # type: ignore[no-untyped-def]
+    import open_clip
+    import torch
+
+    from indexer.train.towers import lock_towers
+
+    register_shipped_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("small", pretrained_text=False)
+    lock_towers(model, lock_image=False, lock_text=True, unlocked_layers=0)
+    tokens = open_clip.get_tokenizer("small")([f"a picture number {i} of a thing" for i in range(_CAPTIONS)])
+    return model, tokens
+
+
+_CAPTIONS = int(os.environ.get("SCALE_CACHE_CAPTIONS", "2048"))
+
+
+def _cache_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+
+    from indexer.train.distributed import init_from_env
+    from indexer.train.frozen_text import freeze_text_features
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1 per rank
+    d, device = init_from_env(torch.device("cpu"))
+    model, tokens = _cache_model()
+    times = {}
+    for name, dd in (("every rank computes all (before)", None), ("1/N per rank + all_gather", d)):
+        torch.distributed.barrier()
+        t = time.perf_counter()
+        freeze_text_features(model, tokens, None, device, dd)
+        torch.distributed.barrier()
+        times[name] = time.perf_counter() - t
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    torch.distributed.destroy_process_group()
+
+
+def frozen_cache(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The locked MiniLM tower's feature cache of 2,048 distinct captions on 2 gloo ranks: every rank
+    computing it all (the behaviour before) vs each rank its half and an all-gather."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    out = tmp / "cache.json"
+    mp.spawn(_cache_rank, args=(2, port, str(out)), nprocs=2, join=True)
+    times = json.loads(out.read_text())
+    before, after = times.values()
+    return {
+        "captions": _CAPTIONS,
+        "model": "small (its MiniLM text tower, random weights, locked)",
+        "ranks": 2,
+        "seconds": times,
+        "after_over_before": round(after / before, 3),
+    }
+
+
 # -------------------------------------------------------------------------------------------- 3. IVF-PQ
 
 
@@ -290,7 +365,7 @@ def ivfpq(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="ray,ddp,ivfpq", help="comma-separated sections to run")
+    p.add_argument("--only", default="ray,ddp,cache,ivfpq", help="comma-separated sections to run")
     p.add_argument("--images", type=int, default=512, help="JPEG files for the Ray and DDP sections")
     p.add_argument("--model", default="small", help="model (random weights) for the Ray section")
     p.add_argument("--batch-size", type=int, default=32)
@@ -332,6 +407,10 @@ def main() -> None:
             print("2. DDP 2 gloo processes vs 1 process", flush=True)
             result["ddp"] = ddp(a, tmp, train_csv(folder, tmp / "train.csv"))
             result["ddp"]["load_after"] = load()
+        if "cache" in only:
+            print("2b. locked-text cache on 2 gloo ranks", flush=True)
+            result["cache"] = frozen_cache(a, tmp)
+            result["cache"]["load_after"] = load()
         if "ivfpq" in only:
             print(f"3. IVF-PQ at {a.n:,} vectors", flush=True)
             result["ivfpq"] = ivfpq(a, tmp)
@@ -362,6 +441,11 @@ def print_table(r: dict[str, Any]) -> None:
         for m, v in x["median_step_s"].items():
             print(f"{m:<18}{v:>8.3f} s/step")
         print(f"2 processes / 1 process: {x['two_over_one']:.2f}x the step time")
+    if "cache" in r:
+        x = r["cache"]
+        print(f"\nlocked-text cache, {x['captions']} captions, 2 gloo ranks:")
+        for m, v in x["seconds"].items():
+            print(f"  {m:<34}{v:>7.2f} s")
     if "ivfpq" in r:
         x = r["ivfpq"]
         print(f"\nIVF-PQ at {x['n']:,} x {x['d']}: {x['factory']} {x['params']}")
