@@ -7,7 +7,8 @@ combination whose gradients equal one process on the whole global batch (tests/t
 `torchrun --nproc-per-node N -m clipsearch train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; `clipsearch train
 --nproc N` launches the same through torch's own launcher (`torch.distributed.run`). NCCL on GPUs, gloo on
 the CPU. The loop's hooks: `local_batch` (each rank's share of the global batch), `agree` (all ranks stop at
-the same step), and `Dist.is_main` (only rank 0 writes logs, checkpoints and the model dir).
+the same step), `Dist.is_main` (only rank 0 writes logs, checkpoints and the model dir) and `computed_once`
+(a locked tower's feature cache: each rank computes 1/N of the rows, all ranks receive the whole cache).
 """
 
 from __future__ import annotations
@@ -104,6 +105,31 @@ def agree(status: str | None, d: Dist | None) -> str | None:
         code = code.cuda()
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
     return {v: k for k, v in STOP_CODES.items()}[int(code.item())]
+
+
+def computed_once(n: int, compute: Callable[[int, int], torch.Tensor], d: Dist | None) -> torch.Tensor:
+    """Rows 0..n of a cache computed once across the ranks: rank r runs `compute(start, stop)` on its
+    contiguous 1/world_size share of the rows, and an all-gather hands every rank the whole (n, ...) tensor.
+    A locked tower's features (frozen_text, frozen_image) so take 1/N of the time on N ranks instead of
+    every rank computing them all; the rows equal one process's up to float noise (the same inputs in
+    differently sized batches). One process: `compute(0, n)`."""
+    if d is None or d.world_size == 1 or n == 0:
+        return compute(0, n)
+    per = -(-n // d.world_size)  # ceil: rank 0 always has rows, the last ranks may have none
+    start, stop = min(d.rank * per, n), min((d.rank + 1) * per, n)
+    part = compute(start, stop) if stop > start else None
+    # Rank 0's share is never empty: it tells the others the row shape and dtype (for an empty share).
+    meta: list[Any] = [(tuple(part.shape[1:]), part.dtype) if part is not None and d.rank == 0 else None]
+    dist.broadcast_object_list(meta, src=0)
+    shape, dtype = meta[0]
+    device = torch.device("cuda", torch.cuda.current_device()) if d.backend == "nccl" else torch.device("cpu")
+    padded = torch.zeros((per, *shape), dtype=dtype, device=device)
+    if part is not None:
+        padded[: len(part)] = part.to(device)
+    gathered = [torch.empty_like(padded) for _ in range(d.world_size)]
+    dist.all_gather(gathered, padded)
+    out = torch.cat([g[: max(0, min(per, n - r * per))] for r, g in enumerate(gathered)])
+    return out if part is None else out.to(part.device)
 
 
 def make_distributed_loss(kind: str, d: Dist) -> torch.nn.Module:

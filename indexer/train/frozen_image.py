@@ -5,6 +5,8 @@ pooled features for an image never change during the run; without augmentation (
 input never changes either. They are then computed once per image, in inference mode, and each step runs
 only the tower's head (its projection). For an ImageNet-pretrained EfficientNet on a CPU that is almost
 all of the step: `small-pt` with a locked, cached image tower trains as fast as its text side allows.
+Under torchrun each rank computes 1/N of the images' features and all ranks receive the whole cache
+(`distributed.computed_once`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from indexer.train.distributed import Dist, computed_once
 
 log = logging.getLogger(__name__)
 BATCH = 256
@@ -43,13 +47,21 @@ def _frozen_trunk(model: Any) -> tuple[torch.nn.Module, torch.nn.Module] | None:
 
 
 @torch.no_grad()
-def _run(trunk: torch.nn.Module, pixels: torch.Tensor, normalise: Any, device: torch.device) -> torch.Tensor:
+def _run(
+    trunk: torch.nn.Module, pixels: torch.Tensor, normalise: Any, device: torch.device, d: Dist | None = None
+) -> torch.Tensor:
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return torch.cat(
+            [
+                trunk(normalise(pixels[s : min(s + BATCH, stop)]).to(device)).float()
+                for s in range(start, stop, BATCH)
+            ]
+        )
+
     was_training = trunk.training
     trunk.eval()
     try:
-        return torch.cat(
-            [trunk(normalise(pixels[s : s + BATCH]).to(device)).float() for s in range(0, len(pixels), BATCH)]
-        )
+        return computed_once(len(pixels), rows, d)
     finally:
         trunk.train(was_training)
 
@@ -61,14 +73,16 @@ def freeze_image_features(
     normalise: Any,
     crop_scale: float,
     device: torch.device,
+    d: Dist | None = None,
 ) -> FrozenImage | None:
-    """Cache the frozen image trunk's features, or None when it trains or augmentation changes its input."""
+    """Cache the frozen image trunk's features, or None when it trains or augmentation changes its input.
+    With `d` (a torchrun rank), every rank computes its share and receives the whole cache."""
     found = _frozen_trunk(model)
     if found is None or crop_scale < 1:
         return None
     trunk, head = found
-    train = _run(trunk, train_pixels, normalise, device)
-    val = _run(trunk, val_pixels, normalise, device) if val_pixels is not None else None
+    train = _run(trunk, train_pixels, normalise, device, d)
+    val = _run(trunk, val_pixels, normalise, device, d) if val_pixels is not None else None
     log.info(
         "image trunk is locked: its features for %d images are computed once, not every step", len(train)
     )

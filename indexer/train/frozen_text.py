@@ -16,6 +16,10 @@ the last N layers train: the output of the frozen embeddings and lower layers is
 open_clip cannot unlock layers of a BERT tower at all; here the text side adapts to the captions at a
 fraction of the cost of training it whole. Padding positions are cached as zeros, and a zero row is how
 the head finds the padding again (a real token's hidden state is never exactly zero).
+
+Under torchrun the cache is computed once across the ranks, not once per rank: each rank runs the trunk on
+its 1/N share of the distinct captions and an all-gather gives every rank the whole cache
+(`distributed.computed_once`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.hf_model import HFTextEncoder
+
+from indexer.train.distributed import Dist, computed_once
 
 log = logging.getLogger(__name__)
 
@@ -129,32 +135,49 @@ def _partial_trunk(
 
 @torch.no_grad()
 def _run_trunk(
-    trunk: Callable[[torch.Tensor], torch.Tensor], model: Any, tokens: torch.Tensor, device: torch.device
+    trunk: Callable[[torch.Tensor], torch.Tensor],
+    model: Any,
+    tokens: torch.Tensor,
+    device: torch.device,
+    d: Dist | None = None,
 ) -> torch.Tensor:
-    """Trunk features of each distinct token row once, in inference mode, scattered back to all rows."""
-    unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+    """Trunk features of each distinct token row once (once across all ranks), in inference mode, scattered
+    back to all rows."""
+    unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)  # sorted: the same on every rank
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return torch.cat(
+            [trunk(unique[s : min(s + 256, stop)].to(device)).float() for s in range(start, stop, 256)]
+        )
+
     was_training = model.training
     model.eval()
     try:
-        feats = torch.cat([trunk(unique[s : s + 256].to(device)).float() for s in range(0, len(unique), 256)])
+        feats = computed_once(len(unique), rows, d)
     finally:
         model.train(was_training)
     return feats[inverse.to(feats.device)]
 
 
 def freeze_text_features(
-    model: Any, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None, device: torch.device
+    model: Any,
+    train_tokens: torch.Tensor,
+    val_tokens: torch.Tensor | None,
+    device: torch.device,
+    d: Dist | None = None,
 ) -> FrozenText | None:
-    """Cache the frozen text trunk's features, or None when the text tower trains (nothing to cache)."""
+    """Cache the frozen text trunk's features, or None when the text tower trains (nothing to cache). With
+    `d` (a torchrun rank), every rank computes its share and receives the whole cache."""
     found = _trunk(model)
     if found is None:
         return None
     trunk, head, what = found
-    train = _run_trunk(trunk, model, train_tokens, device)
-    val = _run_trunk(trunk, model, val_tokens, device) if val_tokens is not None else None
+    train = _run_trunk(trunk, model, train_tokens, device, d)
+    val = _run_trunk(trunk, model, val_tokens, device, d) if val_tokens is not None else None
     log.info(
-        "text %s is locked: its features for %d captions are computed once, not every step",
+        "text %s is locked: its features for %d captions are computed once, not every step%s",
         what,
         len(torch.unique(train_tokens, dim=0)),
+        f" (1/{d.world_size} on each of {d.world_size} ranks)" if d is not None else "",
     )
     return FrozenText(train=train, val=val, head=head, what=what)

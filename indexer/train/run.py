@@ -141,7 +141,8 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
         [data.val_tokens.flatten()] if data.val_tokens is not None else []
     )
     compact_token_embedding(built.model, torch.cat(seen))
-    data.frozen_text = freeze_text_features(built.model, data.train.tokens, data.val_tokens, device)
+    # Computed once across the ranks (each its 1/N share, all-gathered), before DDP wraps the model.
+    data.frozen_text = freeze_text_features(built.model, data.train.tokens, data.val_tokens, device, d)
     data.frozen_image = freeze_image_features(
         built.model,
         data.train.pixels,
@@ -149,6 +150,7 @@ def setup_run(cfg: TrainConfig, resume: bool) -> Run:
         data.pipeline.normalise,
         cfg.crop_scale,
         device,
+        d,
     )
     o = cfg.optim
     optimizer = make_optimizer(built.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)

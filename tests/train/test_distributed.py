@@ -210,3 +210,88 @@ def test_bad_nproc_is_one_line(tmp_path, colour_csv, capsys):
         ["train", "--train", str(colour_csv), "--out", str(tmp_path / "r"), "--nproc", "0"], capsys
     )
     assert code == 1 and err.strip() == "error: --nproc must be at least 1, got 0"
+
+
+# Seven distinct captions (one repeated) and five images: shares of 4 and 3 rows on 2 ranks, not equal.
+CAPTIONS = [
+    "a red square",
+    "a blue square",
+    "green",
+    "a red square",
+    "cyan",
+    "a big yellow dot",
+    "x",
+    "mauve",
+]
+
+
+def _frozen_inputs() -> tuple[torch.nn.Module, torch.Tensor, torch.nn.Module, torch.Tensor, object]:
+    from indexer.core.architectures import register_shipped_configs
+    from indexer.train.data import PixelPipeline
+    from indexer.train.towers import lock_towers
+
+    register_shipped_configs()
+    torch.manual_seed(0)
+    text_model = open_clip.create_model("tiny-test")
+    lock_towers(text_model, lock_image=False, lock_text=True, unlocked_layers=0)
+    torch.manual_seed(0)
+    image_model = open_clip.create_model("small", pretrained_text=False)  # a timm ResNet trunk
+    lock_towers(image_model, lock_image=True, lock_text=False, unlocked_layers=0)
+    pixels = torch.randint(
+        0, 256, (5, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    normalise = PixelPipeline.from_preprocess(open_clip.image_transform(48, is_train=False), 48).normalise
+    return text_model, open_clip.get_tokenizer("tiny-test")(CAPTIONS), image_model, pixels, normalise
+
+
+def _frozen_caches(d) -> dict[str, torch.Tensor]:
+    from indexer.train.frozen_image import freeze_image_features
+    from indexer.train.frozen_text import freeze_text_features
+
+    text_model, tokens, image_model, pixels, normalise = _frozen_inputs()
+    text = freeze_text_features(text_model, tokens, tokens[:3], torch.device("cpu"), d)
+    image = freeze_image_features(image_model, pixels, pixels[:1], normalise, 1.0, torch.device("cpu"), d)
+    assert text is not None and text.val is not None and image is not None and image.val is not None
+    return {"text": text.train, "text_val": text.val, "image": image.train, "image_val": image.val}
+
+
+def _rank_frozen(rank: int, world: int, port: int, out: str) -> None:
+    from indexer.train.distributed import computed_once
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    d, _ = init_from_env(torch.device("cpu"))
+    caches = _frozen_caches(d)
+    # Which rows this rank computed: its own share only, and all of them come back to every rank. One row
+    # on two ranks leaves rank 1 with nothing to compute, and it still receives the row.
+    asked: list[tuple[int, int]] = []
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        asked.append((start, stop))
+        return torch.arange(start, stop, dtype=torch.float32)[:, None].repeat(1, 3)
+
+    caches["seven"] = computed_once(7, rows, d)
+    caches["one"] = computed_once(1, rows, d)
+    torch.save({"caches": caches, "asked": asked}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_locked_tower_caches_are_computed_once_across_ranks_and_equal_one_process(tmp_path):
+    single = _frozen_caches(None)
+    out = tmp_path / "frozen.pt"
+    mp.spawn(_rank_frozen, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert ranks[0]["asked"] == [(0, 4), (0, 1)] and ranks[1]["asked"] == [(4, 7)]
+    for r in ranks:
+        for name, want in single.items():
+            torch.testing.assert_close(r["caches"][name], want, rtol=1e-4, atol=1e-5, msg=f"{name}")
+        assert r["caches"]["seven"][:, 0].tolist() == list(range(7))
+        assert r["caches"]["one"].tolist() == [[0.0, 0.0, 0.0]]
