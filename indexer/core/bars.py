@@ -22,9 +22,9 @@ def _is_terminal(stream: IO[str]) -> bool:
         return False
 
 
-def progress_bar(**kwargs: Any) -> tqdm:  # type: ignore[type-arg]
+def progress_bar(**kwargs: Any) -> tqdm:
     """A tqdm bar on stderr (or `file=`); away from a terminal it redraws at most every 30 s."""
-    stream = kwargs.setdefault("file", sys.stderr)
+    stream: IO[str] = kwargs.setdefault("file", sys.stderr) or sys.stderr
     if not _is_terminal(stream):
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
         kwargs.setdefault("maxinterval", LOG_INTERVAL_S)
