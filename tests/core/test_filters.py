@@ -212,3 +212,14 @@ def test_hnsw_exact_paths_match_brute_force(tmp_path, data, monkeypatch, exact_m
     # scores within 1e-7 of each other differently from numpy's)
     got_s, want_s = (np.einsum("qd,qkd->qk", x[:20], x[i]) for i in (ids, want))
     np.testing.assert_allclose(got_s, want_s, atol=1e-6)
+
+
+def test_field_names_are_read_from_the_item_store_once(tmp_path, data, monkeypatch) -> None:
+    x, items = data
+    stack = _stack(tmp_path, x, items, "flat", delta=100)
+    reads = []
+    real = ItemStore.field_names
+    monkeypatch.setattr(ItemStore, "field_names", lambda self: reads.append(1) or real(self))
+    names = [stack.field_names() for _ in range(5)]
+    assert names[0] == {"category", "price", "tags"} and all(n == names[0] for n in names)
+    assert len(reads) == 1  # a layer never changes: every filtered search asked the store again

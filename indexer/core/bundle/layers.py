@@ -46,6 +46,7 @@ class Layer:
     _kinds: dict[int, ItemKind | None] = field(default_factory=dict)
     _folder: tuple[str | None] | None = None
     _tables: dict[Target, Table] = field(default_factory=dict)
+    _field_names: frozenset[str] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def index(self, target: Target) -> faiss.Index:
@@ -95,9 +96,13 @@ class Layer:
             return np.asarray(index.reconstruct_batch(wanted), np.float32)
 
     def field_names(self) -> set[str]:
-        """The user field names of this layer's items."""
-        names = self.store.field_names() if self.store is not None else set()
-        return names | {n for r in self.rows.values() for n in r.fields}
+        """The user field names of this layer's items (read once: a layer never changes, and every
+        filtered search asks; a `DISTINCT` over a million items' fields costs 0.2-0.5 s)."""
+        with self._lock:
+            if self._field_names is None:
+                names = self.store.field_names() if self.store is not None else set()
+                self._field_names = frozenset(names | {n for r in self.rows.values() for n in r.fields})
+            return set(self._field_names)
 
     def kinds(self, ids: Iterable[int]) -> dict[int, ItemKind | None]:
         """The kind of each id's row in this layer (None: it has none); a base remembers what it looked up."""
