@@ -176,7 +176,8 @@ def index_command(
             _watch(cfg, settle, poll, json_out)
             return
         result = reindex(cfg)
-        _warn_low_recall(bundles / result.bundle)
+        for line in result.recall_warnings:
+            warn(f"{line} (published because of --accept-low-recall)")
     if json_out:
         typer.echo(json.dumps(result.summary()))
         return
@@ -186,16 +187,6 @@ def index_command(
         f"{f' at {result.images_per_s:.1f} img/s' if result.embedded else ''}), {result.texts} texts, "
         f"{result.skipped} skipped, in {result.seconds:.1f} s"
     )
-
-
-def _warn_low_recall(bundle_dir: Path) -> None:
-    """The published bundle's recall warnings (`--accept-low-recall`), on stderr after the log."""
-    from indexer.core.bundle.manifest import load_manifest
-
-    m = load_manifest(bundle_dir)
-    for name, spec in (("images", m.images), ("texts", m.texts)):
-        if spec.recall_warning:
-            warn(f"{name} index: {spec.recall_warning} (published because of --accept-low-recall)")
 
 
 def _ray_config(

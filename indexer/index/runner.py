@@ -83,6 +83,8 @@ class ReindexResult:
     embedded: int = 0  # images actually run through the model this time
     images_per_s: float = 0.0  # embedding-phase throughput
     pruned: tuple[str, ...] = ()
+    # "images index: ..." for each index published below the recall target (`--accept-low-recall`)
+    recall_warnings: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """The `--json` object: exactly the keys the CLI promises."""
@@ -224,6 +226,11 @@ def _embed_and_publish(
         embedded=embedded,
         images_per_s=round(rate, 2),
         pruned=pruned,
+        recall_warnings=tuple(
+            f"{name} index: {spec.recall_warning}"
+            for name, spec in (("images", contents.images), ("texts", contents.texts))
+            if spec.recall_warning
+        ),
     )
 
 
