@@ -307,7 +307,8 @@ def ivfpq(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     # build's own exact ground truth (knn_ground_truth) run the slow per-query loop: use BLAS.
     faiss.cvar.distance_compute_blas_threshold = 20
     data = Synthetic(a.n, a.chunk, a.local_dims)
-    cfg = IndexConfig(max_memory=a.max_index_memory)
+    # measured whatever it reaches: a layout below the recall target is a figure here, not a failure
+    cfg = IndexConfig(max_memory=a.max_index_memory, accept_low_recall=True)
     ids = np.arange(a.n, dtype=np.int64)
     t = time.perf_counter()
     index, spec = build_index(data.blocks, ids, D, cfg)
