@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from indexer.core.bundle import exact  # noqa: F401  (sets FAISS's BLAS threshold: batches share one GEMM)
 from indexer.core.bundle.manifest import IndexSpec
 from indexer.core.errors import ClipsearchError
 
@@ -233,21 +234,6 @@ def auto_candidates(n: int, d: int, cfg: IndexConfig) -> list[Candidate]:
     return [c for c in out if c.bytes <= cfg.max_memory]
 
 
-class _BlasThreshold:
-    """FAISS 1.15.1 scans batches under `distance_compute_blas_threshold` (128,000) query by query; the
-    build's batches (training, adding, the ground truth) take the BLAS path while this is entered."""
-
-    def __init__(self, value: int = 20) -> None:
-        self.value, self.saved = value, 0
-
-    def __enter__(self) -> None:
-        self.saved = int(faiss.cvar.distance_compute_blas_threshold)
-        faiss.cvar.distance_compute_blas_threshold = self.value
-
-    def __exit__(self, *exc: object) -> None:
-        faiss.cvar.distance_compute_blas_threshold = self.saved
-
-
 def build_index(blocks: Blocks, ids: np.ndarray, d: int, cfg: IndexConfig) -> tuple[faiss.Index, IndexSpec]:
     """Build the index for the vectors `blocks()` yields, with FAISS ids = `ids`.
 
@@ -266,13 +252,12 @@ def build_index_trials(
     if _is_exact(factory):
         index = _add(_new_index(d, factory), blocks, ids)
         return index, IndexSpec(file="", count=n, factory="Flat", recall_at_10=None), []
-    with _BlasThreshold():
-        if cfg.kind == "auto":
-            return _choose(blocks, ids, d, cfg)
-        index = _new_index(d, factory)
-        trained = _train(index, blocks, n, cfg, train_size(n, _nlist_of(index), cfg))
-        index = _add(index, blocks, ids)
-        recall, params = tune_recall(index, blocks, ids, trained, cfg)
+    if cfg.kind == "auto":
+        return _choose(blocks, ids, d, cfg)
+    index = _new_index(d, factory)
+    trained = _train(index, blocks, n, cfg, train_size(n, _nlist_of(index), cfg))
+    index = _add(index, blocks, ids)
+    recall, params = tune_recall(index, blocks, ids, trained, cfg)
     log.info("%s over %d vectors: recall@10 %.3f vs exact with %s", factory, n, recall, params or "defaults")
     return index, IndexSpec(file="", count=n, factory=factory, recall_at_10=recall, params=params), []
 
@@ -388,8 +373,8 @@ def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
 def _ground_truth(
     blocks: Blocks, ids: np.ndarray, trained: np.ndarray, cfg: IndexConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out queries and their exact top-10 item ids (one BLAS pass per block when the caller lowered
-    FAISS's BLAS threshold, see `_BlasThreshold`)."""
+    """Held-out queries and their exact top-10 item ids (one BLAS pass per block: FAISS's BLAS threshold
+    is set for the process by `indexer.core.bundle.exact`)."""
     xq = _queries(blocks, trained, cfg)
     k = min(10, len(ids))
     _, gt_pos = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT)  # type: ignore[no-untyped-call]
