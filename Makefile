@@ -9,8 +9,9 @@ WORKDIR ?= demo-work
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 # Debian packages the tests need: the emoji font (demo data), Chromium (the search page's browser tests),
-# fontconfig (to find the font) and FriBiDi (Pillow's complex text layout draws emoji sequences with it).
-TEST_PACKAGES ?= fonts-noto-color-emoji chromium fontconfig libfribidi0
+# fontconfig (to find the font), FriBiDi (Pillow's complex text layout draws emoji sequences with it) and
+# Node.js (the page's pure logic, state.js and terms.js, is tested in Node without a browser).
+TEST_PACKAGES ?= fonts-noto-color-emoji chromium fontconfig libfribidi0 nodejs
 
 .PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench faults docker-test clean
 

@@ -4,30 +4,17 @@ and back, run in Node: no browser needed."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import pytest
 
 from tests.conftest import REPO
+from tests.web.node import run_module
 
 STATE_JS = REPO / "service" / "static" / "state.js"
 
 
 def _run(expr: str) -> object:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
-    script = (
-        f"import * as s from {json.dumps(STATE_JS.as_uri())};"
-        "globalThis.location = { pathname: '/' };"
-        f"console.log(JSON.stringify({expr}));"
-    )
-    out = subprocess.run(
-        [node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=30
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return run_module(STATE_JS, expr, setup="globalThis.location = { pathname: '/' };")
 
 
 @pytest.mark.parametrize(
@@ -51,15 +38,15 @@ def _run(expr: str) -> object:
     ],
 )
 def test_the_url_gives_the_filter_object(query: str, flt: object) -> None:
-    assert _run(f"s.filterOf(s.parse({json.dumps(query)}))") == flt
+    assert _run(f"m.filterOf(m.parse({json.dumps(query)}))") == flt
 
 
 def test_filters_round_trip_through_the_url_and_count() -> None:
     url = "?q=red&target=images&path=%2Fa%2F&from=2024-06-01&date=mtime&f.price=10&f.tone=cool&f.tone=warm"
-    assert _run(f"s.format(s.parse({json.dumps(url)}))") == url
-    assert _run(f"s.filterCount(s.parse({json.dumps(url)}))") == 4  # path, dates, price, tone
+    assert _run(f"m.format(m.parse({json.dumps(url)}))") == url
+    assert _run(f"m.filterCount(m.parse({json.dumps(url)}))") == 4  # path, dates, price, tone
     # Filters stay in the URL without a query (kept while the next search is typed); a new filter is a
     # new question for the server, the same filters in another order are not.
-    assert _run("s.format(s.parse('?f.tone=warm'))") == "?f.tone=warm"
-    assert _run("s.sameQuery(s.parse('?q=a&f.tone=warm'), s.parse('?q=a'))") is False
-    assert _run("s.sameQuery(s.parse('?q=a&f.x=1&f.y=2'), s.parse('?q=a&f.y=2&f.x=1'))") is True
+    assert _run("m.format(m.parse('?f.tone=warm'))") == "?f.tone=warm"
+    assert _run("m.sameQuery(m.parse('?q=a&f.tone=warm'), m.parse('?q=a'))") is False
+    assert _run("m.sameQuery(m.parse('?q=a&f.x=1&f.y=2'), m.parse('?q=a&f.y=2&f.x=1'))") is True

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import pytest
 
 from tests.conftest import REPO
+from tests.web.node import run_module
 
 TERMS_JS = REPO / "service" / "static" / "terms.js"
 
 
 def _parse(query: str) -> object:
-    script = (
-        f"import {{ parseTerms }} from {json.dumps(TERMS_JS.as_uri())};"
-        f"console.log(JSON.stringify(parseTerms({json.dumps(query)})));"
-    )
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
-    out = subprocess.run(
-        [node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=30
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return run_module(TERMS_JS, f"m.parseTerms({json.dumps(query)})")
 
 
 @pytest.mark.parametrize(
