@@ -251,6 +251,12 @@ class InfoResponse(BaseModel):
         description="The bundle's user field names (CSV/JSONL columns, sidecar keys), sorted: what a filter "
         "or `/v1/facets` may name besides the built-in fields.",
     )
+    user_field_types: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Each user field's value types, sorted (`int`, `float`, `str`; a CSV column of numbers "
+        "and words has both): which filter operators make sense for it (ranges for numbers, `prefix`/`glob` "
+        "for strings).",
+    )
     fallback: FallbackInfo | None = None
 
 

@@ -60,6 +60,7 @@ def info(request: Request, service: ServiceDep) -> InfoResponse:
         m = snap.bundle.manifest
         model = snap.encoder.info
         s = service.settings
+        types = snap.bundle.stack.field_types()
         return InfoResponse(
             bundle=snap.version,
             created_at=m.created_at,
@@ -89,6 +90,7 @@ def info(request: Request, service: ServiceDep) -> InfoResponse:
             max_query_chars=s.max_query_chars,
             max_body_bytes=s.max_body_bytes,
             loaded_at=snap.loaded_at,
-            user_fields=sorted(snap.bundle.stack.field_names()),
+            user_fields=list(types),
+            user_field_types=types,
             fallback=_fallback(service.state),
         )

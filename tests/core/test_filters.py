@@ -3,6 +3,7 @@ over the same filtered set, for every index type the indexer builds and across b
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import faiss
@@ -218,8 +219,30 @@ def test_field_names_are_read_from_the_item_store_once(tmp_path, data, monkeypat
     x, items = data
     stack = _stack(tmp_path, x, items, "flat", delta=100)
     reads = []
-    real = ItemStore.field_names
-    monkeypatch.setattr(ItemStore, "field_names", lambda self: reads.append(1) or real(self))
+    real = ItemStore.field_types
+    monkeypatch.setattr(ItemStore, "field_types", lambda self: reads.append(1) or real(self))
     names = [stack.field_names() for _ in range(5)]
     assert names[0] == {"category", "price", "tags"} and all(n == names[0] for n in names)
+    assert stack.field_types() == {"category": ["str"], "price": ["float"], "tags": ["str"]}
     assert len(reads) == 1  # a layer never changes: every filtered search asked the store again
+
+
+def test_field_types_name_every_type_a_field_holds_in_the_store_and_in_a_segment(tmp_path) -> None:
+    x = np.eye(4, DIM, dtype=np.float32)
+    base = [_item(0), _item(1)]
+    base[0] = dataclasses.replace(base[0], fields={"code": 7, "note": "a"})
+    base[1] = dataclasses.replace(base[1], fields={"code": "A7", "size_cm": 1.5})
+    write_items(tmp_path / "b.sqlite", base)
+    store = ItemStore(tmp_path / "b.sqlite")
+    assert store.field_types() == {"code": {"int", "str"}, "note": {"str"}, "size_cm": {"float"}}
+    empty = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    seg_item = dataclasses.replace(_item(2), fields={"size_cm": 3, "tags": ("x", "y")})
+    seg = SegmentContents(frozenset([2]), [seg_item], x[2:3]).layer(DIM, "seg")
+    stack = LayerStack([Layer("base", "base", empty, empty, store=store), seg])
+    assert stack.field_types() == {
+        "code": ["int", "str"],
+        "note": ["str"],
+        "size_cm": ["float", "int"],
+        "tags": ["str"],
+    }
+    store.close()

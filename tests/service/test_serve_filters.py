@@ -111,7 +111,9 @@ def test_item_endpoint_carries_the_user_fields(shop: TestClient) -> None:
 
 
 def test_info_lists_the_user_fields_a_filter_may_name(shop: TestClient) -> None:
-    fields = shop.get("/v1/info").json()["user_fields"]
+    info = shop.get("/v1/info").json()
+    fields = info["user_fields"]
     assert fields == ["price", "tags", "tone"]  # the CSV's extra columns, sorted; caption is not one
+    assert info["user_field_types"] == {"price": ["int"], "tags": ["str"], "tone": ["str"]}
     for name in fields:
         assert shop.get("/v1/facets", params={"field": name}).status_code == 200

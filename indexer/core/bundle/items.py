@@ -20,6 +20,15 @@ from typing import Any, Literal
 ItemKind = Literal["image", "text"]
 FieldValue = str | int | float
 UserFields = Mapping[str, FieldValue | tuple[FieldValue, ...]]
+# SQLite's typeof() of a stored user field value -> the name a client sees (GET /v1/info).
+_VALUE_TYPES = {"integer": "int", "real": "float", "text": "str"}
+
+
+def value_type(value: FieldValue) -> str:
+    """The type name of a user field value as `ItemStore.field_types` reports it (a bool is an int)."""
+    return "str" if isinstance(value, str) else "float" if isinstance(value, float) else "int"
+
+
 # 1: id..height; 2: folder, taken_at, camera and the `fields` table (docs/architecture.md, "Bundle format")
 ITEMS_FORMAT = 2
 
@@ -253,9 +262,13 @@ class ItemStore:
         with self._lock:
             return [(int(i), v) for i, v in self._conn.execute(sql, (name, kind))]
 
-    def field_names(self) -> set[str]:
-        """Every user field name any item has."""
+    def field_types(self) -> dict[str, set[str]]:
+        """Every user field name any item has, with the types of its values ("int", "float", "str")."""
         if not self._has_fields:
-            return set()
+            return {}
+        sql = f"SELECT name, typeof(value) FROM {USER_FIELDS} GROUP BY name, typeof(value)"
+        out: dict[str, set[str]] = {}
         with self._lock:
-            return {r[0] for r in self._conn.execute(f"SELECT DISTINCT name FROM {USER_FIELDS}")}
+            for name, kind in self._conn.execute(sql):
+                out.setdefault(name, set()).add(_VALUE_TYPES.get(kind, kind))
+        return out
