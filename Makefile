@@ -10,8 +10,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 # Debian packages the tests need: the emoji font (demo data), Chromium (the search page's browser tests),
 # fontconfig (to find the font), FriBiDi (Pillow's complex text layout draws emoji sequences with it) and
-# Node.js (the page's pure logic, state.js and terms.js, is tested in Node without a browser).
-TEST_PACKAGES ?= fonts-noto-color-emoji chromium fontconfig libfribidi0 nodejs
+# Node.js (the page's pure logic, state.js and terms.js, is tested in Node without a browser), and
+# libatomic1, which the Node binary inside the Playwright wheel links against (without it the driver exits
+# at once and every browser test fails with "Connection closed while reading from the driver").
+TEST_PACKAGES ?= fonts-noto-color-emoji chromium fontconfig libfribidi0 nodejs libatomic1
 
 .PHONY: help venv dev demo test test-fast system-deps lint format typecheck pytest bench faults docker-test clean
 
