@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,16 @@ def run_module(module: Path, expr: str, setup: str = "") -> object:
         pytest.fail(
             "node is missing: the page's logic tests need Node.js (apt-get install nodejs)", pytrace=False
         )
-    script = (
-        f"import * as m from {json.dumps(module.as_uri())};\n{setup}\nconsole.log(JSON.stringify({expr}));"
-    )
-    out = subprocess.run(
-        [node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=30
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        # The page's modules are plain `.js` files: Node before 22 reads those as CommonJS unless a
+        # package.json says "module" (Debian bookworm has Node 18), so they run from a copy that has one.
+        here = Path(tmp) / "static"
+        shutil.copytree(module.parent, here)
+        (here / "package.json").write_text('{"type": "module"}')
+        url = json.dumps((here / module.name).as_uri())
+        script = f"import * as m from {url};\n{setup}\nconsole.log(JSON.stringify({expr}));"
+        out = subprocess.run(
+            [node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=30
+        )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
