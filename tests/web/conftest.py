@@ -109,11 +109,7 @@ def shop_server(shop_bundles: Path) -> Iterator[LiveServer]:
 @pytest.fixture
 def shop(browser: Browser, shop_server: LiveServer) -> Iterator[Visit]:
     """A desktop-sized page on the shop bundle's server (same checks as `visit`)."""
-    v = Visit(browser, shop_server.url, viewport={"width": 1280, "height": 900})
-    yield v
-    v.close()
-    assert v.foreign == [], f"the page made requests outside its origin: {v.foreign}"
-    assert v.errors == [], f"uncaught errors in the page: {v.errors}"
+    yield from _checked_visit(browser, shop_server)
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +170,13 @@ class Visit:
 @pytest.fixture
 def visit(browser: Browser, server: LiveServer) -> Iterator[Visit]:
     """A desktop-sized page on the ready server; fails the test if the page reached another origin."""
-    v = Visit(browser, server.url, viewport={"width": 1280, "height": 900})
+    yield from _checked_visit(browser, server)
+
+
+def _checked_visit(browser: Browser, live: LiveServer) -> Iterator[Visit]:
+    """A desktop-sized Visit on `live`; afterwards, fails the test if the page reached another origin or
+    threw an uncaught error."""
+    v = Visit(browser, live.url, viewport={"width": 1280, "height": 900})
     yield v
     v.close()
     assert v.foreign == [], f"the page made requests outside its origin: {v.foreign}"
