@@ -109,10 +109,6 @@ class Layer:
                 self._field_types = {name: frozenset(kinds) for name, kinds in found.items()}
             return dict(self._field_types)
 
-    def field_names(self) -> set[str]:
-        """The user field names of this layer's items."""
-        return set(self.field_types())
-
     def kinds(self, ids: Iterable[int]) -> dict[int, ItemKind | None]:
         """The kind of each id's row in this layer (None: it has none); a base remembers what it looked up."""
         wanted = list(ids)
@@ -227,7 +223,7 @@ class LayerStack:
 
     def field_names(self) -> set[str]:
         """Every user field name an item of the version may have."""
-        return set().union(*(layer.field_names() for layer in self.layers))
+        return {name for layer in self.layers for name in layer.field_types()}
 
     def count(self, target: Target) -> int:
         """Items of `target` the version serves: every layer's vectors, less those a later layer owns."""
