@@ -246,3 +246,29 @@ def test_field_types_name_every_type_a_field_holds_in_the_store_and_in_a_segment
         "tags": ["str"],
     }
     store.close()
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_small_subset_of_an_ivf_index_is_searched_exactly_from_its_decoded_vectors(tmp_path, mmap) -> None:
+    """Probing 1 / selectivity times the lists misses neighbours a small subset spreads over all lists
+    (uniform data: 50 of 256 lists hold about a fifth of them); the subset's decoded vectors, fewer bytes
+    than those lists, are scanned exactly instead, from an index read as the service reads it."""
+    from indexer.core.bundle.selectors import Subset, search_subset
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(20_000, DIM)).astype(np.float32)
+    faiss.normalize_L2(x)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, 256, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    ivf.add(x)  # no direct map: reconstructing needs one, made when the subset first needs it
+    faiss.write_index(ivf, str(tmp_path / "ivf.faiss"))
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    index = faiss.read_index(str(tmp_path / "ivf.faiss"), flags)
+    index.nprobe = 1
+    q = x[:20]
+    small = np.sort(rng.choice(20_000, 400, replace=False)).astype(np.int64)  # 2%
+    _, ids = search_subset(index, q, 10, Subset(small))
+    np.testing.assert_array_equal(ids, _brute(x, q, small, 10))
+    half = Subset(np.arange(0, 20_000, 2, dtype=np.int64))  # 50%: two lists are fewer bytes than a copy
+    _, ids = search_subset(index, q, 10, half)
+    assert np.isin(ids, half.ids).all() and half._exact is None
