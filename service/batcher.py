@@ -1,8 +1,13 @@
 """Micro-batching: concurrent queries wait in a bounded queue and are encoded together in one forward pass.
 
-The worker never waits for company when the server is idle (a lone query starts at once); only while
-batches of more than one are forming does it wait up to `max_wait_ms` to fill the next one. A full
-queue answers 503 with `Retry-After` at once instead of queueing without bound.
+The worker never waits for company when the server is idle (a lone query starts at once). Under load it
+waits for the clients it is serving: the next batch is held until it has as many queries as were in
+flight during the last one (the concurrency the server is seeing), for at most `max_wait_ms` and at most
+`WAIT_SHARE` of the last batch's run time. Without that, 16 closed-loop clients split into two groups
+of 8 that take turns (a batch's clients send their next queries just after the other group's batch
+started) and every query paid for half-size batches: at 100k vectors on 2 cores, 57 QPS with batches
+of 7.9 (docs/benchmarks.md, "Serving"). A full queue answers 503 with `Retry-After` at once instead of
+queueing without bound.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from service.errors import ApiError
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.0005
+WAIT_SHARE = 0.25  # a batch waits for more queries at most this share of the last batch's run time
 
 JobT = TypeVar("JobT")
 ResultT = TypeVar("ResultT")
@@ -50,7 +56,11 @@ class MicroBatcher(Generic[JobT, ResultT]):
         self._queue: asyncio.Queue[tuple[JobT, asyncio.Future[ResultT]]] = asyncio.Queue(queue_size)
         self._on_batch = on_batch
         self._task: asyncio.Task[None] | None = None
-        self._last_size = 0
+        self._in_flight = 0  # submitted, not yet answered
+        self._peak = 0  # most in flight since the last batch was collected
+        self._running = 0  # jobs in batches now running
+        self._last_run_s = 0.0  # how long the last batch took
+        self._last_end = float("-inf")  # when it ended (the loop's clock)
 
     @property
     def depth(self) -> int:
@@ -81,16 +91,28 @@ class MicroBatcher(Generic[JobT, ResultT]):
                 f"the {self.name} queue is full; retry shortly",
                 {"Retry-After": str(self.retry_after_s)},
             ) from None
-        return await fut
+        self._in_flight += 1
+        self._peak = max(self._peak, self._in_flight)
+        try:
+            return await fut
+        finally:
+            self._in_flight -= 1
 
     async def _collect(self) -> list[tuple[JobT, asyncio.Future[ResultT]]]:
         batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
         self._drain(batch)
-        if self._last_size > 1 and self.max_wait_s > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.max_wait_s
+        wait = min(self.max_wait_s, WAIT_SHARE * self._last_run_s)
+        # Busy: a batch is running, or this query came within `wait` of the last one's end (its clients
+        # coming back); then aim for the concurrency seen since the last batch, less what other workers
+        # run. Otherwise the server was idle and a lone query starts at once.
+        busy = self._running > 0 or loop.time() - self._last_end <= wait
+        target = min(self.max_size, self._peak - self._running) if busy else 1
+        self._peak = self._in_flight
+        if len(batch) < target and wait > 0:
+            deadline = loop.time() + wait
             # Short sleeps rather than wait_for(queue.get()): on 3.11 a timed-out get can lose an item.
-            while len(batch) < self.max_size and (left := deadline - loop.time()) > 0:
+            while len(batch) < target and (left := deadline - loop.time()) > 0:
                 await asyncio.sleep(min(left, _POLL_S))
                 self._drain(batch)
         return batch
@@ -113,7 +135,6 @@ class MicroBatcher(Generic[JobT, ResultT]):
             while True:
                 await free.acquire()
                 batch = [(job, fut) for job, fut in await self._collect() if not fut.done()]  # drop abandoned
-                self._last_size = len(batch)
                 if not batch:
                     free.release()
                     continue
@@ -128,10 +149,16 @@ class MicroBatcher(Generic[JobT, ResultT]):
         if self._on_batch is not None:
             self._on_batch(len(batch))
         loop = asyncio.get_running_loop()
+        self._running += len(batch)
+        start = loop.time()
         try:
             results = await loop.run_in_executor(self._executor, self._process, [j for j, _ in batch])
         except Exception as e:  # the whole batch failed: every waiter gets the error
             results = [e] * len(batch)
+        finally:
+            self._running -= len(batch)
+            self._last_end = loop.time()
+            self._last_run_s = self._last_end - start
         for (_, fut), result in zip(batch, results, strict=True):
             if fut.done():
                 continue

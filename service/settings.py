@@ -55,9 +55,10 @@ class ServiceSettings(BaseSettings):
         default=32, ge=1, description="Most queries encoded together in one forward pass."
     )
     batch_max_wait_ms: float = Field(
-        default=2.0,
+        default=50.0,
         ge=0,
-        description="How long a batch waits for more queries, only while the server is busy.",
+        description="Most a busy server's batch waits to hold as many queries as were in flight "
+        "during the last one (and at most a quarter of that batch's run time); 0 = never wait.",
     )
     batch_workers: int = Field(
         default=1, ge=1, description="Batches encoded at once; >1 with threads=1 suits busy CPU-only hosts."

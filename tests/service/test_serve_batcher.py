@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -120,3 +121,63 @@ def test_two_workers_run_two_batches_at_once() -> None:
 
     run(go())
     assert peak == 2
+
+
+def test_closed_loop_clients_out_of_phase_come_together_in_one_batch() -> None:
+    """Eight clients that each send their next job as soon as the last returns, started as two groups
+    of four out of phase: the batcher waits for the concurrency it has seen, so the groups merge into
+    batches of eight (a fixed 2 ms wait left them taking turns at half size), and it stops waiting as
+    soon as they are all there (a fixed 50 ms wait for a full batch of 32 idled 50 ms a batch)."""
+    runs: list[tuple[float, float, int]] = []
+
+    def process(jobs: Sequence[int]) -> list[int]:
+        start = time.monotonic()
+        time.sleep(0.08)
+        runs.append((start, time.monotonic(), len(jobs)))
+        return list(jobs)
+
+    async def client(b: MicroBatcher[int, int], delay: float, until: float) -> None:
+        await asyncio.sleep(delay)
+        while time.monotonic() < until:
+            await b.submit(0)
+            await asyncio.sleep(0.002)  # the round trip before the next query
+
+    async def go() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            b: MicroBatcher[int, int] = MicroBatcher(
+                "t", process, pool, max_size=32, max_wait_ms=50, queue_size=64
+            )
+            b.start()
+            until = time.monotonic() + 1.5
+            await asyncio.gather(*(client(b, 0.04 * (i % 2), until) for i in range(8)))
+            await b.stop()
+
+    run(go())
+    steady = runs[4:-2]  # past the start, before the clients stop
+    assert len(steady) >= 5 and all(size == 8 for _, _, size in steady), [r[2] for r in runs]
+    gaps = sorted(nxt[0] - prev[1] for prev, nxt in itertools.pairwise(steady))
+    assert gaps[len(gaps) // 2] < 0.015, gaps
+
+
+def test_a_lone_job_after_a_burst_does_not_wait_for_the_burst_to_return() -> None:
+    starts: list[float] = []
+
+    def process(jobs: Sequence[int]) -> list[int]:
+        starts.append(time.monotonic())
+        time.sleep(0.2)  # a batch this long would let the next wait up to 50 ms
+        return list(jobs)
+
+    async def go() -> float:
+        with ThreadPoolExecutor(1) as pool:
+            b: MicroBatcher[int, int] = MicroBatcher(
+                "t", process, pool, max_size=32, max_wait_ms=50, queue_size=64
+            )
+            b.start()
+            await asyncio.gather(*(b.submit(i) for i in range(8)))
+            await asyncio.sleep(0.3)  # idle: the burst's clients went away
+            sent = time.monotonic()
+            await b.submit(99)
+            await b.stop()
+            return starts[-1] - sent
+
+    assert run(go()) < 0.025
