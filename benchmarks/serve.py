@@ -11,7 +11,7 @@ With `--auto-n N`, also serves the synthetic clustered bundle `benchmarks/filter
 vectors with `--index auto` (built if absent, shared with that benchmark) and reports text p50 at 1
 client, QPS at 16 clients and recall@10 of the served search against brute force.
 
-    python benchmarks/serve.py --auto-n 1000000            # full run (about 15 minutes, plus the build)
+    python benchmarks/serve.py --auto-n 1000000            # full run (about 12 minutes, plus the build)
     python benchmarks/serve.py --duration 3 --reload-duration 10 --items 2000   # quick dev run
 """
 
