@@ -15,7 +15,8 @@ Floors (issue 13): recall@10 ≥ 0.95 at every selectivity and p50 ≤ 3× the u
     python benchmarks/filters.py --n 100000 --index hnsw          # a smoke run (auto would pick flat here)
 
 The index is what `clipsearch index --index auto` builds at N (`IVF1024,SQ8` for this data at 1M within
-the default budget) unless `--index` says otherwise. The bundle is kept under `--work` and reused by the next run.
+the default budget) unless `--index` says otherwise. The bundle is kept under `--work` and reused by the
+next run.
 """
 
 from __future__ import annotations
