@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -19,6 +20,18 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+@contextlib.asynccontextmanager
+async def started(process, workers: int = 1, **options):  # type: ignore[no-untyped-def]
+    """A running batcher named "t" over `process` in a pool of `workers` threads, stopped on exit."""
+    with ThreadPoolExecutor(workers) as pool:
+        b: MicroBatcher[int, int] = MicroBatcher("t", process, pool, workers=workers, **options)
+        b.start()
+        try:
+            yield b
+        finally:
+            await b.stop()
+
+
 def test_concurrent_jobs_are_batched_and_results_stay_in_order() -> None:
     sizes: list[int] = []
     gate = threading.Event()
@@ -29,18 +42,13 @@ def test_concurrent_jobs_are_batched_and_results_stay_in_order() -> None:
         return [j * 10 for j in jobs]
 
     async def go() -> list[int]:
-        with ThreadPoolExecutor(1) as pool:
-            b: MicroBatcher[int, int] = MicroBatcher(
-                "t", process, pool, max_size=8, max_wait_ms=0, queue_size=64
-            )
-            b.start()
+        async with started(process, max_size=8, max_wait_ms=0, queue_size=64) as b:
             first = asyncio.ensure_future(b.submit(0))  # occupies the worker
             await asyncio.sleep(0.05)
             rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 11)]
             await asyncio.sleep(0.05)
             gate.set()
             out = await asyncio.gather(first, *rest)
-            await b.stop()
             return out
 
     assert run(go()) == [i * 10 for i in range(11)]
@@ -54,17 +62,12 @@ def test_a_failing_job_fails_alone_and_a_crashing_batch_fails_all() -> None:
         return [ValueError("bad") if j < 0 else j for j in jobs]
 
     async def go() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            b: MicroBatcher[int, int] = MicroBatcher(
-                "t", process, pool, max_size=4, max_wait_ms=1, queue_size=8
-            )
-            b.start()
+        async with started(process, max_size=4, max_wait_ms=1, queue_size=8) as b:
             ok, bad = await asyncio.gather(b.submit(1), b.submit(-1), return_exceptions=True)
             assert ok == 1 and isinstance(bad, ValueError)
             with pytest.raises(RuntimeError):
                 await b.submit(99)
             assert await b.submit(2) == 2  # the worker survived
-            await b.stop()
 
     run(go())
 
@@ -77,11 +80,7 @@ def test_full_queue_raises_overloaded_at_once() -> None:
         return list(jobs)
 
     async def go() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            b: MicroBatcher[int, int] = MicroBatcher(
-                "t", process, pool, max_size=1, max_wait_ms=0, queue_size=2
-            )
-            b.start()
+        async with started(process, max_size=1, max_wait_ms=0, queue_size=2) as b:
             held = [asyncio.ensure_future(b.submit(0))]
             await asyncio.sleep(0.05)  # job 0 is now in the worker
             held += [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]  # fill the queue of 2
@@ -91,7 +90,6 @@ def test_full_queue_raises_overloaded_at_once() -> None:
             assert e.value.status_code == 503 and e.value.headers["Retry-After"] == "1"
             gate.set()
             assert await asyncio.gather(*held) == [0, 1, 2]
-            await b.stop()
 
     run(go())
 
@@ -111,13 +109,8 @@ def test_two_workers_run_two_batches_at_once() -> None:
         return list(jobs)
 
     async def go() -> None:
-        with ThreadPoolExecutor(2) as pool:
-            b: MicroBatcher[int, int] = MicroBatcher(
-                "t", process, pool, max_size=1, max_wait_ms=0, queue_size=8, workers=2
-            )
-            b.start()
+        async with started(process, workers=2, max_size=1, max_wait_ms=0, queue_size=8) as b:
             assert await asyncio.gather(*(b.submit(i) for i in range(4))) == [0, 1, 2, 3]
-            await b.stop()
 
     run(go())
     assert peak == 2
@@ -143,14 +136,9 @@ def test_closed_loop_clients_out_of_phase_come_together_in_one_batch() -> None:
             await asyncio.sleep(0.002)  # the round trip before the next query
 
     async def go() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            b: MicroBatcher[int, int] = MicroBatcher(
-                "t", process, pool, max_size=32, max_wait_ms=50, queue_size=64
-            )
-            b.start()
+        async with started(process, max_size=32, max_wait_ms=50, queue_size=64) as b:
             until = time.monotonic() + 1.5
             await asyncio.gather(*(client(b, 0.04 * (i % 2), until) for i in range(8)))
-            await b.stop()
 
     run(go())
     steady = runs[4:-2]  # past the start, before the clients stop
@@ -168,16 +156,11 @@ def test_a_lone_job_after_a_burst_does_not_wait_for_the_burst_to_return() -> Non
         return list(jobs)
 
     async def go() -> float:
-        with ThreadPoolExecutor(1) as pool:
-            b: MicroBatcher[int, int] = MicroBatcher(
-                "t", process, pool, max_size=32, max_wait_ms=50, queue_size=64
-            )
-            b.start()
+        async with started(process, max_size=32, max_wait_ms=50, queue_size=64) as b:
             await asyncio.gather(*(b.submit(i) for i in range(8)))
             await asyncio.sleep(0.3)  # idle: the burst's clients went away
             sent = time.monotonic()
             await b.submit(99)
-            await b.stop()
             return starts[-1] - sent
 
     assert run(go()) < 0.025

@@ -29,8 +29,9 @@ def test_trimmed_equals_full_forward(encoder: Encoder, texts: list[str]) -> None
     np.testing.assert_allclose(trimmed, full, atol=1e-5)
 
 
-def test_trim_really_runs_fewer_positions(encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
-    shapes = []
+def _transformer_shapes(encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """(batch, positions) of every forward of the text transformer from now on."""
+    shapes: list[tuple[int, ...]] = []
     real = encoder.model.transformer.forward
 
     def spy(x, *args, **kw):  # type: ignore[no-untyped-def]
@@ -38,6 +39,11 @@ def test_trim_really_runs_fewer_positions(encoder: Encoder, monkeypatch: pytest.
         return real(x, *args, **kw)
 
     monkeypatch.setattr(encoder.model.transformer, "forward", spy)
+    return shapes
+
+
+def test_trim_really_runs_fewer_positions(encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = _transformer_shapes(encoder, monkeypatch)
     encoder.encode_texts(["a red square", "red"], trim=True)
     encoder.encode_texts(["a red square", "red"])
     # <start> a red square <end> and <start> red <end> end to end in one sequence; then 2 x 77 padded
@@ -47,15 +53,8 @@ def test_trim_really_runs_fewer_positions(encoder: Encoder, monkeypatch: pytest.
 def test_packs_hold_at_most_pack_tokens_positions(encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
     from indexer.core import encoder as module
 
-    shapes = []
-    real = encoder.model.transformer.forward
-
-    def spy(x, *args, **kw):  # type: ignore[no-untyped-def]
-        shapes.append(tuple(x.shape[:2]))
-        return real(x, *args, **kw)
-
     monkeypatch.setattr(module, "PACK_TOKENS", 10)
-    monkeypatch.setattr(encoder.model.transformer, "forward", spy)
+    shapes = _transformer_shapes(encoder, monkeypatch)
     texts = ["a red square", "red", "a red square", "x " * 200]  # 5, 3, 5 and 77 positions
     np.testing.assert_allclose(encoder.encode_texts(texts, trim=True), encoder.encode_texts(texts), atol=1e-5)
     assert shapes[:3] == [(1, 8), (1, 5), (1, 77)]  # a text longer than a pack goes alone
