@@ -104,6 +104,14 @@ def pool_shape(cfg: RayConfig, resources: dict[str, float]) -> tuple[int, float,
     return actors, cfg.actor_cpus, per_gpu
 
 
+def actor_threads(resources: dict[str, float], actors: int) -> int:
+    """torch threads for each CPU encoder actor: the cluster's CPUs shared among the actors. Ray sets
+    `OMP_NUM_THREADS` to an actor's reserved CPUs, 1 for the fractional reservation that keeps decode
+    tasks running, which left one actor on a 2-CPU node at 122 images/s against the single process's 286
+    (docs/benchmarks.md, "Past one machine")."""
+    return max(1, math.floor(float(resources.get("CPU", 1.0)) / max(1, actors)))
+
+
 def _row(job_pos: int, record: Record) -> dict[str, Any]:
     # Plain strings: rows cross process (and node) boundaries as Arrow columns.
     return {
@@ -165,10 +173,16 @@ def _decode_batch(
 class _EncoderActor:
     """One model per actor, loaded once; a batch of decoded pixels in, its unit vectors out."""
 
-    def __init__(self, model_dir: str, device: str, fingerprint: str, embed: EmbedConfig) -> None:
+    def __init__(
+        self, model_dir: str, device: str, fingerprint: str, embed: EmbedConfig, threads: int
+    ) -> None:
+        import torch
+
         from indexer.core.encoder import Encoder
         from indexer.index.embed import apply_fast_path
 
+        if device == "cpu":
+            torch.set_num_threads(threads)
         self.encoder = apply_fast_path(Encoder.from_dir(model_dir, device, fingerprint=fingerprint), embed)
         self.dim = self.encoder.info.embed_dim
 
@@ -239,6 +253,7 @@ def embed_images_ray(
                 "device": "cuda" if actor_gpus > 0 else _actor_device(device),
                 "fingerprint": fingerprint,
                 "embed": embed,
+                "threads": actor_threads(ray.cluster_resources(), actors),
             },
             num_cpus=actor_cpus,
             num_gpus=actor_gpus,

@@ -161,3 +161,24 @@ def test_the_pool_is_sized_to_the_cluster():
     assert pool_shape(RayConfig(), {"CPU": 64.0, "GPU": 8.0}) == (8, 0.5, 1.0)
     assert pool_shape(RayConfig(actor_gpus=0.5), {"CPU": 16.0, "GPU": 2.0}) == (4, 0.5, 0.5)
     assert pool_shape(RayConfig(actors=3, actor_cpus=0.25), {"CPU": 2.0}) == (3, 0.25, 0.0)
+
+
+def test_a_cpu_actor_computes_with_its_share_of_the_cluster_cpus(tiny_model_dir):
+    """Ray gives a fractional actor OMP_NUM_THREADS=1; the actor sets torch's threads to its share."""
+    import torch
+
+    from indexer.core.modeldir import model_fingerprint
+    from indexer.index.embed import EmbedConfig
+    from indexer.index.ray_embed import _EncoderActor, actor_threads
+
+    assert actor_threads({"CPU": 2.0}, 1) == 2
+    assert actor_threads({"CPU": 2.0}, 4) == 1
+    assert actor_threads({"CPU": 16.0}, 4) == 4
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what a worker started with OMP_NUM_THREADS=1 has
+        fingerprint = model_fingerprint(tiny_model_dir)
+        _EncoderActor(str(tiny_model_dir), "cpu", fingerprint, EmbedConfig(), threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
