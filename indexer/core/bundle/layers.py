@@ -21,7 +21,7 @@ import numpy as np
 
 from indexer.core.bundle.filters import Filter, Table, facet_counts
 from indexer.core.bundle.items import FieldValue, Item, ItemKind, ItemStore, folder_of, value_type
-from indexer.core.bundle.selectors import Subset
+from indexer.core.bundle.selectors import Subset, reconstruct
 
 Target = Literal["images", "texts"]
 KIND_OF: dict[Target, ItemKind] = {"images": "image", "texts": "text"}
@@ -84,16 +84,7 @@ class Layer:
 
     def vectors(self, target: Target, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), d) float32: the stored vectors of `ids` in this layer's index of `target`."""
-        index = self.index(target)
-        wanted = np.asarray(ids, np.int64)
-        try:
-            return np.asarray(index.reconstruct_batch(wanted), np.float32)
-        except RuntimeError:  # an IVF index keeps no id -> list map until asked to
-            with self._lock:
-                ivf = faiss.extract_index_ivf(index)
-                if ivf.direct_map.type == faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
-                    ivf.make_direct_map()
-            return np.asarray(index.reconstruct_batch(wanted), np.float32)
+        return np.asarray(reconstruct(self.index(target), np.asarray(ids, np.int64)), np.float32)
 
     def field_types(self) -> dict[str, frozenset[str]]:
         """The user field names of this layer's items with their value types (read once: a layer never

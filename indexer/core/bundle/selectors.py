@@ -65,7 +65,7 @@ class Subset:
         with self._lock:
             if self._exact is None:
                 try:
-                    vectors = np.ascontiguousarray(_reconstruct(index, self.ids), np.float32)
+                    vectors = np.ascontiguousarray(reconstruct(index, self.ids), np.float32)
                 except RuntimeError:
                     return None
                 self._exact = faiss.IndexFlatIP(vectors.shape[1])
@@ -208,9 +208,9 @@ def _copy_is_cheaper(ivf: faiss.IndexIVF, m: int, frac: float) -> bool:
 _DIRECT_MAP_LOCK = threading.Lock()
 
 
-def _reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
-    """The stored (decoded) vectors of `ids`. An IVF index that keeps no id -> list map is given one
-    (8 bytes a vector, made once; searches do not read it)."""
+def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """The stored (decoded) vectors of `ids` ((m,) int64) in `index`. An IVF index that keeps no id ->
+    list map is given one (8 bytes a vector, made once; searches do not read it)."""
     try:
         return index.reconstruct_batch(ids)
     except RuntimeError:
