@@ -107,8 +107,8 @@ def pool_shape(cfg: RayConfig, resources: dict[str, float]) -> tuple[int, float,
 def actor_threads(resources: dict[str, float], actors: int) -> int:
     """torch threads for each CPU encoder actor: the cluster's CPUs shared among the actors. Ray sets
     `OMP_NUM_THREADS` to an actor's reserved CPUs, 1 for the fractional reservation that keeps decode
-    tasks running, which left one actor on a 2-CPU node at 122 images/s against the single process's 286
-    (docs/benchmarks.md, "Past one machine")."""
+    tasks running, so on a 16-CPU node the default 4 actors would each compute on one core (on this
+    2-core machine the difference was not measurable: docs/benchmarks.md, "Past one machine")."""
     return max(1, math.floor(float(resources.get("CPU", 1.0)) / max(1, actors)))
 
 
@@ -223,7 +223,8 @@ def embed_images_ray(
     report = EmbedReport()
     start = time.perf_counter()
     with ray_session(cfg) as ray:
-        actors, actor_cpus, actor_gpus = pool_shape(cfg, ray.cluster_resources())
+        resources = ray.cluster_resources()
+        actors, actor_cpus, actor_gpus = pool_shape(cfg, resources)
         shape = tuple(transform(_probe_image()).shape)
         log.info(
             "ray: %d images on %d encoder actor(s) (%.2g CPU, %.2g GPU each)",
@@ -253,7 +254,7 @@ def embed_images_ray(
                 "device": "cuda" if actor_gpus > 0 else _actor_device(device),
                 "fingerprint": fingerprint,
                 "embed": embed,
-                "threads": actor_threads(ray.cluster_resources(), actors),
+                "threads": actor_threads(resources, actors),
             },
             num_cpus=actor_cpus,
             num_gpus=actor_gpus,
