@@ -358,8 +358,8 @@ def auto_run(n: int, threads: int, workers: int, duration: float) -> dict[str, f
     from indexer.core.bundle.read import read_current
 
     bundles = build(REPO / "benchmarks" / "work" / "filters", n, "auto")
-    current = bundles / read_current(bundles)
-    spec = load_manifest(current).images
+    manifest = load_manifest(bundles / read_current(bundles))
+    spec = manifest.images
     print(f"\n--index auto at {n:,} vectors: {spec.factory} {spec.params} "
           f"(build's own recall@10 {spec.recall_at_10})", flush=True)  # fmt: skip
     port = free_port()
@@ -368,8 +368,8 @@ def auto_run(n: int, threads: int, workers: int, duration: float) -> dict[str, f
     try:
         one = run_load(f"auto {n:,} text x1", url, text_request(), 1, duration, server.pid)
         many = run_load(f"auto {n:,} text x16", url, text_request(), 16, duration, server.pid)
-        x = vectors(n, load_manifest(current).model.embed_dim)
-        rng = np.random.default_rng(2)  # the queries of benchmarks/filters.py: cosine ~0.9 to an item
+        x = vectors(n, manifest.model.embed_dim)
+        rng = np.random.default_rng(2)  # queries like benchmarks/filters.py's: cosine ~0.9 to an item
         q = x[rng.choice(n, 200, replace=False)]
         q = q + 0.5 * rng.standard_normal(q.shape, dtype=np.float32) / np.sqrt(q.shape[1])
         q /= np.linalg.norm(q, axis=1, keepdims=True)
