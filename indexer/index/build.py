@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ HNSW_MAX = 100_000  # `auto` builds HNSW up to this many vectors (200k x 512-d t
 REFINE_K_FACTOR = 8  # a refined IVF-PQ re-ranks k * this many of its candidates exactly
 # Search-time knobs tried in order; the first that reaches the recall target is written to the manifest.
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
-NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PCA_MIN_DIMS = 16  # `auto` does not consider projecting to fewer dimensions than this
 
 
 class IndexBuildError(ClipsearchError, ValueError):
@@ -107,10 +109,26 @@ def _is_exact(factory: str) -> bool:
     return factory.replace("IDMap2,", "").replace("IDMap,", "") in ("Flat", "FlatIP")
 
 
+_PCA = re.compile(r"PCA(\d+),(.+)")
+
+
 def _new_index(d: int, factory: str) -> faiss.Index:
     if _is_exact(factory):
         return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     try:
+        if pca := _PCA.fullmatch(factory):
+            # not FAISS's own PCA stage, which centres the vectors: under inner product that adds a
+            # per-item bias <mean, x> to every score; `_fit_projection` sets the matrix when training
+            p = int(pca.group(1))
+            if not 0 < p < d:
+                raise IndexBuildError(
+                    f"--index {factory!r}: PCA must project to between 1 and {d - 1} dimensions"
+                )
+            projection = faiss.LinearTransform(d, p, False)
+            projection.is_trained = False
+            return faiss.IndexPreTransform(
+                projection, faiss.index_factory(p, pca.group(2), faiss.METRIC_INNER_PRODUCT)
+            )
         return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise IndexBuildError(f"cannot build FAISS index {factory!r}: {str(e).strip()[-200:]}") from None
@@ -144,13 +162,42 @@ def _train(
     for xb in blocks():
         sample.append(xb[mask[start : start + len(xb)]])
         start += len(xb)
+    xt = np.concatenate(sample)
+    _fit_projection(index, xt)
     try:
-        index.train(np.concatenate(sample))
+        index.train(xt)
     except RuntimeError as e:
         raise IndexBuildError(
             f"training the index failed on {mask.sum()} vectors: {str(e).strip()[-200:]}"
         ) from None
     return mask
+
+
+def _fit_projection(index: faiss.Index, xt: np.ndarray) -> None:
+    """Set the matrix of a `PCA<p>,...` layout's untrained projection from the training sample `xt`.
+
+    Inner products must survive the projection, so nothing is subtracted: x = mean + v gives
+    <q, x> = <q, mean> + <q, v>, whose first term is the same for every item. The rows are the mean's
+    direction and then the p - 1 principal directions of the centred sample orthogonal to it: the
+    projection keeps the part all items share and the most of what tells them apart. Orthonormal rows,
+    so `reconstruct` maps a code back into the original space."""
+    if not isinstance(index, faiss.IndexPreTransform) or index.chain.size() == 0:
+        return
+    projection = faiss.downcast_VectorTransform(index.chain.at(0))
+    if type(projection) is not faiss.LinearTransform or projection.is_trained:
+        return
+    p = projection.d_out
+    x = xt.astype(np.float64)
+    mean = x.mean(axis=0)
+    rows = [mean / n] if (n := np.linalg.norm(mean)) > 1e-6 else []
+    v = x - mean
+    if rows:
+        v -= np.outer(v @ rows[0], rows[0])  # the centred variance orthogonal to the mean
+    _, vecs = np.linalg.eigh(v.T @ v)  # ascending eigenvalues
+    a = np.vstack([*rows, vecs[:, ::-1][:, : p - len(rows)].T])
+    faiss.copy_array_to_vector(np.ascontiguousarray(a, dtype=np.float32).ravel(), projection.A)
+    projection.is_trained = True
+    projection.set_is_orthonormal()
 
 
 def _add(index: faiss.Index, blocks: Blocks, ids: np.ndarray) -> faiss.Index:
@@ -207,6 +254,10 @@ def train_size(n: int, nlist: int, cfg: IndexConfig) -> int:
 IDMAP2_BYTES = 56  # per vector: the id array plus the reverse hash map of an IndexIDMap2
 
 
+def _pca_bytes(n: int, d: int, p: int, nlist: int) -> int:
+    return d * p * 4 + nlist * p * 4 + n * (p + 8)
+
+
 def auto_candidates(n: int, d: int, cfg: IndexConfig) -> list[Candidate]:
     """The layouts `auto` considers past the exact limit that fit `cfg.max_memory`, cheapest to build first.
 
@@ -229,6 +280,14 @@ def auto_candidates(n: int, d: int, cfg: IndexConfig) -> list[Candidate]:
             out.append(Candidate(f"IVF{nlist},{pq},Refine({refine})", size))
             break
     out.append(Candidate(f"IVF{nlist},SQfp16", coarse + n * (2 * d + 8), fallback=True))
+    # where full 8-bit codes do not fit: 8-bit codes of a projection onto the p dimensions the budget has
+    # room for (not FAISS's own PCA: see `_new_index`); near-exact where the collection's spread lives in
+    # few dimensions, cheap to try, and measured like every other candidate
+    dims = [p for p in range(PCA_MIN_DIMS, d, 16) if _pca_bytes(n, d, p, nlist) <= cfg.max_memory]
+    if dims and coarse + n * (d + 8) > cfg.max_memory:
+        out.append(
+            Candidate(f"PCA{dims[-1]},IVF{nlist},SQ8", _pca_bytes(n, d, dims[-1], nlist), fallback=True)
+        )
     out.append(Candidate(f"OPQ{m},IVF{nlist},{pq}", coarse + d * d * 4 + n * (code + 8), fallback=True))
     out.append(Candidate(f"IVF{nlist},{pq}", coarse + n * (code + 8), fallback=True))
     return [c for c in out if c.bytes <= cfg.max_memory]
@@ -285,12 +344,12 @@ def _choose(
             continue
         start = time.perf_counter()
         index = _new_index(d, cand.factory)
-        if centroids is not None and not cand.factory.startswith("OPQ"):
+        if centroids is not None and not _transformed(cand.factory):
             faiss.extract_index_ivf(index).quantizer.add(centroids)  # k-means once for all IVF layouts
         _train(index, blocks, n, cfg, int(trained.sum()), trained)
         index = _add(index, blocks, ids)
         built = time.perf_counter() - start
-        if centroids is None and "IVF" in cand.factory and not cand.factory.startswith("OPQ"):
+        if centroids is None and "IVF" in cand.factory and not _transformed(cand.factory):
             q = faiss.extract_index_ivf(index).quantizer
             centroids = q.reconstruct_n(0, q.ntotal)
         recall, params = _tune(index, xq, truth, cfg)
@@ -325,6 +384,11 @@ def _choose(
         recall_warning=warning,
     )
     return index, spec, trials
+
+
+def _transformed(factory: str) -> bool:
+    """A layout whose IVF lists live in another space than the vectors (their centroids are its own)."""
+    return factory.startswith(("OPQ", "PCA"))
 
 
 def _better(a: Trial, b: Trial, target: float) -> bool:
